@@ -1,0 +1,64 @@
+"""Counters of the store, and the immutable snapshot ``TieredStore.stats()`` returns."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+
+class Tier(str, Enum):
+    HOST = "host"
+    DISK = "disk"
+    REMOTE = "remote"
+
+
+def _per_tier() -> dict[str, int]:
+    return {t.value: 0 for t in Tier}
+
+
+@dataclass(slots=True)
+class Counters:
+    """Mutable counters; the store updates them under its lock."""
+
+    lookups: int = 0
+    hit_chunks: dict[str, int] = field(default_factory=_per_tier)  # chunks served by get, per tier
+    miss_chunks: int = 0
+    put_chunks: int = 0
+    puts_dropped: int = 0  # no room and the write queue full
+    host_evictions: int = 0
+    writebacks: int = 0  # chunks written to disk/remote
+    raw_bytes_written: int = 0
+    encoded_bytes_written: int = 0
+    corrupt_chunks: int = 0  # failed verification: never served
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    lookups: int
+    hit_chunks: dict[str, int]
+    miss_chunks: int
+    put_chunks: int
+    puts_dropped: int
+    host_evictions: int
+    writebacks: int
+    raw_bytes_written: int
+    encoded_bytes_written: int
+    corrupt_chunks: int
+    host_entries: int
+    host_bytes: int
+    host_capacity_bytes: int
+    disk_entries: int
+    disk_bytes: int
+    disk_evictions: int
+    disk_quarantined: int
+    disk_write_errors: int
+    remote_errors: int
+    pending_writes: int
+
+    @property
+    def compression_ratio(self) -> float:
+        """Raw over encoded bytes of everything written down so far (1.0 before any write)."""
+        return self.raw_bytes_written / self.encoded_bytes_written if self.encoded_bytes_written else 1.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "compression_ratio": self.compression_ratio}

@@ -1,0 +1,332 @@
+"""The engine-agnostic tiered chunk store: host RAM, then disk, then remote.
+
+Contract (all methods thread-safe):
+  - ``put`` copies a chunk into the host tier (or, without one, queues it for
+    the lower tiers) and returns at once; it never waits on disk or network.
+    When the host tier is full, its coldest unpinned entries move down
+    (write-back): each is copied out, queued for the writer, and its slot
+    reused. A put that finds neither a free slot nor room in the write queue
+    is dropped and counted; committed data is never discarded for it.
+  - ``lookup`` counts the leading keys present in any tier; it moves no data.
+  - ``get`` returns the leading chunks as CPU tensors (private copies), stops at
+    the first miss, promotes disk/remote hits into the host tier, and verifies
+    every loaded chunk: a corrupt one is quarantined and is a miss.
+  - ``flush`` writes everything down (pending writes and dirty host entries), so
+    a new process on the same directory finds it. ``close`` flushes and stops.
+
+Index ranges of a prompt of n tokens with chunk size C:
+  # [0, k*C)       chunks 0..k-1, the first k keys, looked up and loaded in order
+  # [k*C, n)       not stored (a partial tail, unless save_unfull_chunk)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from .config import CacheConfig
+from .keys import token_bytes
+from .layout import ChunkLayout
+from .metrics import Counters, StoreStats, Tier
+from .storage.chunk_file import CorruptChunk, decode_chunk
+from .storage.disk_tier import DiskTier
+from .storage.host_tier import HostTier
+from .storage.remote_tier import RemoteTier
+from .write_back import PendingWrite, WriteBack
+
+log = logging.getLogger(__name__)
+
+TokenIds = Sequence[int] | np.ndarray
+
+__all__ = ["Tier", "LookupResult", "TieredStore"]
+
+
+class LookupResult(NamedTuple):
+    num_hits: int  # leading keys found
+    tiers: tuple[Tier, ...]  # the tier of each hit, fastest first
+
+
+class TieredStore:
+    def __init__(self, config: CacheConfig, layout: ChunkLayout) -> None:
+        if layout.chunk_size != config.chunk_size:
+            raise ValueError(f"layout chunk_size={layout.chunk_size} differs from config chunk_size={config.chunk_size}")
+        self.config = config
+        self.layout = layout
+        self._fingerprint = layout.fingerprint.to_dict()
+        self._lock = threading.Lock()
+        self._counters = Counters()
+        self._pending: dict[str, PendingWrite] = {}  # queued for write-back, still servable
+        self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="lmcache-sgl-io")
+        self._host = HostTier(config.host_bytes, layout.chunk_bytes, config.cache_policy) \
+            if config.host_bytes >= layout.chunk_bytes else None
+        self._disk = self._open_disk(config)
+        self._remote = RemoteTier(config.remote_url) if config.remote_url else None
+        sinks = [s for s in (self._disk, self._remote) if s is not None]
+        self._writer = WriteBack(sinks, self._fingerprint, config.disk_codec, config.byte_shuffle,
+                                 config.max_pending_writes, self._pool, self._write_done) if sinks else None
+
+    @staticmethod
+    def _open_disk(config: CacheConfig) -> DiskTier | None:
+        if not config.local_disk:
+            return None
+        try:
+            return DiskTier(config.local_disk, config.disk_bytes, config.cache_policy)
+        except OSError as e:  # unreadable or unwritable directory: serve without it
+            log.error("disk tier disabled: cannot use local_disk=%r: %s", config.local_disk, e)
+            return None
+
+    # ---- put ---------------------------------------------------------------
+
+    def put(self, key: str, token_ids: TokenIds, kv: torch.Tensor, start_pos: int = 0) -> bool:
+        """Store one chunk ``kv`` [L, P, T, H, D] for ``token_ids`` (T of them). False if dropped."""
+        tok = token_bytes(token_ids)
+        self._check_chunk(kv, len(tok) // 4)
+        if self.contains(key) is not None:
+            return True
+        kv = kv.detach().to("cpu")
+        with self._lock:
+            if key in self._pending or (self._host is not None and key in self._host):
+                return True
+            stored = self._put_locked(key, tok, kv, start_pos)
+            if stored:
+                self._counters.put_chunks += 1
+            else:
+                self._counters.puts_dropped += 1
+            return stored
+
+    def _put_locked(self, key: str, tok: bytes, kv: torch.Tensor, start_pos: int) -> bool:
+        if self._host is None:
+            return self._queue_locked(PendingWrite(key, kv.clone(), tok, start_pos))
+        if not self._make_room_locked():
+            return False
+        self._host.insert(key, kv, tok, start_pos, dirty=self._writer is not None)
+        return True
+
+    def _check_chunk(self, kv: torch.Tensor, num_tokens: int) -> None:
+        if not 1 <= num_tokens <= self.layout.chunk_size:
+            raise ValueError(f"a chunk holds 1..{self.layout.chunk_size} tokens, got {num_tokens}")
+        expected = self.layout.shape(num_tokens)
+        if tuple(kv.shape) != expected or kv.dtype != self.layout.dtype:
+            raise ValueError(f"chunk tensor is {tuple(kv.shape)} {kv.dtype}; "
+                             f"expected {expected} {self.layout.dtype}")
+
+    def _queue_locked(self, job: PendingWrite) -> bool:
+        if self._writer is None or not self._writer.submit(job):
+            return False
+        self._pending[job.key] = job
+        return True
+
+    def _make_room_locked(self) -> bool:
+        """Free one host slot, writing dirty victims back. False when impossible now."""
+        assert self._host is not None
+        while self._host.free_slots() == 0:
+            victims = self._host.victims(1)
+            if not victims:
+                return False  # every entry is pinned
+            key, entry = victims[0]
+            if entry.dirty:
+                job = PendingWrite(key, self._host.view(entry).clone(), entry.token_ids, entry.start_pos)
+                if not self._queue_locked(job):
+                    return False
+            self._host.remove(key)
+            self._counters.host_evictions += 1
+        return True
+
+    def _write_done(self, job: PendingWrite, raw: int, encoded: int) -> None:
+        with self._lock:
+            if self._pending.get(job.key) is job:
+                del self._pending[job.key]
+            self._record_write_locked(raw, encoded)
+
+    def _record_write_locked(self, raw: int, encoded: int) -> None:
+        if encoded:
+            self._counters.writebacks += 1
+            self._counters.raw_bytes_written += raw
+            self._counters.encoded_bytes_written += encoded
+
+    # ---- lookup / get ------------------------------------------------------
+
+    def contains(self, key: str) -> Tier | None:
+        with self._lock:
+            if key in self._pending or (self._host is not None and key in self._host):
+                return Tier.HOST
+        if self._disk is not None and self._disk.contains(key):
+            return Tier.DISK
+        if self._remote is not None and self._remote.contains(key):
+            return Tier.REMOTE
+        return None
+
+    def lookup(self, keys: Sequence[str]) -> LookupResult:
+        tiers = []
+        for key in keys:
+            tier = self.contains(key)
+            if tier is None:
+                break
+            tiers.append(tier)
+        with self._lock:
+            self._counters.lookups += 1
+        return LookupResult(len(tiers), tuple(tiers))
+
+    def get(self, keys: Sequence[str], token_ids_per_key: Sequence[TokenIds] | None = None) -> list[torch.Tensor]:
+        """The leading chunks found, as CPU tensors [L, P, T, H, D]; stops at the first miss.
+
+        With ``token_ids_per_key``, a chunk whose stored token ids differ is a miss
+        (a guard against key collisions).
+        """
+        out = []
+        for i, key in enumerate(keys):
+            tok = token_bytes(token_ids_per_key[i]) if token_ids_per_key is not None else None
+            kv = self._get_one(key, tok)
+            if kv is None:
+                with self._lock:
+                    self._counters.miss_chunks += 1
+                break
+            out.append(kv)
+        return out
+
+    def _get_one(self, key: str, tok: bytes | None) -> torch.Tensor | None:
+        with self._lock:
+            found = self._get_host_locked(key)
+            if found is not None:
+                stored_tok, kv = found
+                if tok is not None and stored_tok != tok:
+                    log.warning("chunk %s: token ids differ from the request's; treated as a miss", key)
+                    return None
+                self._counters.hit_chunks[Tier.HOST.value] += 1
+                return kv
+        for tier, backend in ((Tier.DISK, self._disk), (Tier.REMOTE, self._remote)):
+            if backend is None:
+                continue
+            kv = self._load_lower(tier, backend, key, tok)
+            if kv is not None:
+                return kv
+        return None
+
+    def _get_host_locked(self, key: str) -> tuple[bytes, torch.Tensor] | None:
+        job = self._pending.get(key)
+        if job is not None:
+            return job.token_ids, job.kv.clone()
+        entry = self._host.entry(key) if self._host is not None else None
+        if entry is None:
+            return None
+        self._host.touch(key)
+        return entry.token_ids, self._host.view(entry).clone()
+
+    def _load_lower(self, tier: Tier, backend: DiskTier | RemoteTier, key: str,
+                    tok: bytes | None) -> torch.Tensor | None:
+        blob = backend.read(key)
+        if blob is None:
+            return None
+        try:
+            header, kv = decode_chunk(blob, key=key, token_ids=tok, fingerprint=self._fingerprint, pool=self._pool)
+            self._check_chunk(kv, header.num_tokens)
+        except (CorruptChunk, ValueError) as e:
+            with self._lock:
+                self._counters.corrupt_chunks += 1
+            if isinstance(backend, DiskTier):
+                backend.quarantine(key, str(e))
+            else:
+                log.warning("remote chunk %s is corrupt (%s); removing it", key, e)
+                backend.remove(key)
+            return None
+        with self._lock:
+            self._counters.hit_chunks[tier.value] += 1
+            if self._host is not None and key not in self._host and self._make_room_locked():
+                self._host.insert(key, kv, header.token_ids, header.start_pos, dirty=False)
+        return kv
+
+    # ---- pinning, removal, lifecycle --------------------------------------
+
+    def pin(self, keys: Sequence[str]) -> int:
+        """Protect host entries from eviction; returns how many were pinned."""
+        with self._lock:
+            entries = [self._host.entry(k) for k in keys] if self._host is not None else []
+            pinned = [e for e in entries if e is not None]
+            for e in pinned:
+                e.refs += 1
+            return len(pinned)
+
+    def unpin(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            for k in keys:
+                e = self._host.entry(k) if self._host is not None else None
+                if e is not None and e.refs > 0:
+                    e.refs -= 1
+
+    def remove(self, key: str) -> None:
+        """Remove a chunk from every tier (a pinned host copy stays until unpinned)."""
+        self.flush_pending()
+        with self._lock:
+            if self._host is not None:
+                self._host.remove(key)
+        for backend in (self._disk, self._remote):
+            if backend is not None:
+                backend.remove(key)
+
+    def clear(self) -> None:
+        self.flush_pending()
+        with self._lock:
+            if self._host is not None:
+                for key in self._host.keys():
+                    self._host.remove(key)
+        for backend in (self._disk, self._remote):
+            if backend is not None:
+                backend.clear()
+
+    def flush_pending(self) -> None:
+        """Wait until every queued write-back is written."""
+        if self._writer is not None:
+            self._writer.drain()
+
+    def flush(self) -> None:
+        """Write all pending and dirty host chunks down, so another process finds them."""
+        self.flush_pending()
+        if self._writer is None or self._host is None:
+            return
+        with self._lock:
+            dirty = [(k, e) for k in self._host.keys() if (e := self._host.entry(k)).dirty]
+            for _, e in dirty:
+                e.refs += 1
+        for key, entry in dirty:
+            job = PendingWrite(key, self._host.view(entry), entry.token_ids, entry.start_pos)
+            raw, encoded = self._writer.write_now(job)
+            with self._lock:
+                entry.refs -= 1
+                entry.dirty = False
+                self._record_write_locked(raw, encoded)
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+        if self._remote is not None:
+            self._remote.close()
+        self._pool.shutdown()
+
+    def __enter__(self) -> "TieredStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            c = self._counters
+            host, disk = self._host, self._disk
+            return StoreStats(
+                lookups=c.lookups, hit_chunks=dict(c.hit_chunks), miss_chunks=c.miss_chunks,
+                put_chunks=c.put_chunks, puts_dropped=c.puts_dropped, host_evictions=c.host_evictions,
+                writebacks=c.writebacks, raw_bytes_written=c.raw_bytes_written,
+                encoded_bytes_written=c.encoded_bytes_written, corrupt_chunks=c.corrupt_chunks,
+                host_entries=len(host) if host else 0, host_bytes=host.used_bytes if host else 0,
+                host_capacity_bytes=host.capacity_bytes if host else 0,
+                disk_entries=len(disk) if disk else 0, disk_bytes=disk.used_bytes if disk else 0,
+                disk_evictions=disk.evictions if disk else 0, disk_quarantined=disk.quarantined if disk else 0,
+                disk_write_errors=disk.write_errors if disk else 0,
+                remote_errors=self._remote.errors if self._remote else 0,
+                pending_writes=len(self._pending))
