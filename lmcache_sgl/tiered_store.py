@@ -316,17 +316,19 @@ class TieredStore:
 
     def stats(self) -> StoreStats:
         with self._lock:
-            c = self._counters
-            host, disk = self._host, self._disk
+            c, host, disk, remote = self._counters, self._host, self._disk, self._remote
             return StoreStats(
                 lookups=c.lookups, hit_chunks=dict(c.hit_chunks), miss_chunks=c.miss_chunks,
                 put_chunks=c.put_chunks, puts_dropped=c.puts_dropped, host_evictions=c.host_evictions,
                 writebacks=c.writebacks, raw_bytes_written=c.raw_bytes_written,
                 encoded_bytes_written=c.encoded_bytes_written, corrupt_chunks=c.corrupt_chunks,
-                host_entries=len(host) if host else 0, host_bytes=host.used_bytes if host else 0,
-                host_capacity_bytes=host.capacity_bytes if host else 0,
-                disk_entries=len(disk) if disk else 0, disk_bytes=disk.used_bytes if disk else 0,
-                disk_evictions=disk.evictions if disk else 0, disk_quarantined=disk.quarantined if disk else 0,
-                disk_write_errors=disk.write_errors if disk else 0,
-                remote_errors=self._remote.errors if self._remote else 0,
+                host_entries=len(host) if host is not None else 0,
+                host_bytes=host.used_bytes if host is not None else 0,
+                host_capacity_bytes=host.capacity_bytes if host is not None else 0,
+                disk_entries=len(disk) if disk is not None else 0,
+                disk_bytes=disk.used_bytes if disk is not None else 0,
+                disk_evictions=disk.evictions if disk is not None else 0,
+                disk_quarantined=disk.quarantined if disk is not None else 0,
+                disk_write_errors=disk.write_errors if disk is not None else 0,
+                remote_errors=remote.errors if remote is not None else 0,
                 pending_writes=len(self._pending))

@@ -1,0 +1,46 @@
+"""Shared fixtures: a small model fingerprint, its chunk layout, random chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmcache_sgl import CacheConfig, ChunkLayout, ModelFingerprint, prefix_keys
+
+CHUNK = 16
+
+
+@pytest.fixture
+def fingerprint() -> ModelFingerprint:
+    return ModelFingerprint("tiny-test", "bfloat16", num_layers=2, num_kv_heads=2, head_dim=16)
+
+
+@pytest.fixture
+def layout(fingerprint) -> ChunkLayout:
+    return ChunkLayout(fingerprint, CHUNK)
+
+
+def random_chunk(layout: ChunkLayout, num_tokens: int | None = None, seed: int = 0) -> torch.Tensor:
+    """A chunk of random normal values (never all zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = layout.shape(num_tokens or layout.chunk_size)
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(layout.dtype)
+
+
+def prompt_chunks(layout: ChunkLayout, num_chunks: int, seed: int = 0):
+    """(keys, token ids per chunk, chunk tensors) of a random prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 50_000, (num_chunks * layout.chunk_size,), generator=gen).tolist()
+    keys = prefix_keys(layout.fingerprint, tokens, layout.chunk_size)
+    per_chunk = [tokens[i * layout.chunk_size:(i + 1) * layout.chunk_size] for i in range(num_chunks)]
+    kvs = [random_chunk(layout, seed=seed * 1000 + i) for i in range(num_chunks)]
+    return keys, per_chunk, kvs
+
+
+def store_config(layout: ChunkLayout, host_chunks: int, disk_dir=None, disk_chunks: float = 0, **kw) -> CacheConfig:
+    """A config whose host tier holds exactly ``host_chunks`` full chunks."""
+    gib = float(1 << 30)
+    return CacheConfig(chunk_size=layout.chunk_size, local_cpu=host_chunks > 0,
+                       max_local_cpu_size=host_chunks * layout.chunk_bytes / gib,
+                       local_disk=str(disk_dir) if disk_dir else None,
+                       max_local_disk_size=disk_chunks * layout.chunk_bytes / gib, **kw)

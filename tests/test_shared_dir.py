@@ -1,0 +1,44 @@
+"""Two processes writing and reading one cache directory at once: no errors, no wrong data."""
+
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+TESTS = str(Path(__file__).parent)
+
+
+def _worker(root: str, seed: int, rounds: int, out: mp.Queue) -> None:
+    sys.path.insert(0, TESTS)
+    import torch
+    from conftest import prompt_chunks, store_config
+    from lmcache_sgl import ChunkLayout, ModelFingerprint, TieredStore
+
+    layout = ChunkLayout(ModelFingerprint("shared", "bfloat16", 2, 2, 16), 16)
+    # Both workers share prompts 0..5 and each has its own 100+seed.
+    prompts = [prompt_chunks(layout, 3, seed=s) for s in (*range(6), 100 + seed)]
+    wrong = served = 0
+    store = TieredStore(store_config(layout, host_chunks=1, disk_dir=root, disk_chunks=12), layout)
+    for r in range(rounds):
+        keys, toks, kvs = prompts[(r * (seed + 1)) % len(prompts)]
+        got = store.get(keys, toks)
+        served += len(got)
+        wrong += sum(not torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(got, kvs))
+        for k, t, kv in zip(keys, toks, kvs):
+            store.put(k, t, kv)
+    store.close()
+    out.put((wrong, served, store.stats().corrupt_chunks))
+
+
+def test_two_processes_share_one_directory(tmp_path):
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(str(tmp_path), seed, 40, out)) for seed in (1, 2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert all(wrong == 0 and corrupt == 0 for wrong, _, corrupt in results)
+    assert sum(served for _, served, _ in results) > 0  # they did read each other's or their own files
+    assert not list((tmp_path).rglob("*.tmp.*"))  # no temporary file left behind
