@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 import xxhash
 
@@ -65,8 +66,8 @@ class ChunkHeader:
         return len(self.token_ids) // 4
 
 
-def checksum(raw: torch.Tensor) -> str:
-    return xxhash.xxh3_64_hexdigest(raw.numpy())
+def checksum(raw: np.ndarray) -> str:
+    return xxhash.xxh3_64_hexdigest(raw)
 
 
 def encode_chunk(key: str, fingerprint: dict[str, Any], token_ids: bytes, kv: torch.Tensor, *,
@@ -74,13 +75,13 @@ def encode_chunk(key: str, fingerprint: dict[str, Any], token_ids: bytes, kv: to
                  pool: Executor | None = None) -> bytes:
     """One chunk tensor (any CPU dtype/shape) to a self-describing blob."""
     kv = kv.contiguous()
-    raw = kv.view(-1).view(torch.uint8)  # [nbytes]
+    raw = kv.view(-1).view(torch.uint8).numpy()  # [nbytes]
     itemsize = kv.element_size() if byte_shuffle else 1
     enc = codec_mod.encode(raw, codec, itemsize, pool)
     header = ChunkHeader(
         key=key, fingerprint=fingerprint, token_ids=token_ids, start_pos=start_pos,
         dtype=str(kv.dtype).removeprefix("torch."), shape=tuple(kv.shape), codec=codec,
-        shuffle=itemsize, raw_len=raw.numel(), block_sizes=tuple(enc.block_sizes),
+        shuffle=itemsize, raw_len=raw.size, block_sizes=tuple(enc.block_sizes),
         checksum=checksum(raw), created=time.time())
     packed = header.to_msgpack()
     return _PREAMBLE.pack(MAGIC, len(packed)) + packed + enc.data
@@ -139,4 +140,6 @@ def decode_chunk(blob: bytes | memoryview, *, key: str, token_ids: bytes | None 
         raise CorruptChunk(str(e)) from e
     if checksum(raw) != header.checksum:
         raise CorruptChunk("checksum mismatch")
-    return header, raw.view(dtype).view(header.shape)
+    # A writable copy is made by unshuffle; with shuffle=1 the array views the blob, so copy.
+    flat = torch.from_numpy(raw if header.shuffle > 1 else raw.copy())
+    return header, flat.view(dtype).view(header.shape)
