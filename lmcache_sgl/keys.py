@@ -119,3 +119,15 @@ def content_key(fingerprint: ModelFingerprint, chunk_token_ids: Sequence[int] | 
 
 def _hash(tag: bytes, data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16, person=tag).hexdigest()
+
+
+def model_name_from_path(model_path: str) -> str:
+    """The fingerprint's model name for a served model: the last path component.
+
+    SGLang, vLLM and the CLI all name a model this way, so the same checkpoint
+    gives the same keys whichever engine (or host directory) serves it.
+    """
+    name = str(model_path).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    if not name:
+        raise ValueError(f"model path {model_path!r} has no name component")
+    return name

@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 from .eviction import make_policy
 
@@ -31,6 +32,33 @@ log = logging.getLogger(__name__)
 SUFFIX = ".kv"
 QUARANTINE = "quarantine"
 _STALE_TMP_SECONDS = 3600
+
+
+class ChunkFile(NamedTuple):
+    key: str
+    path: Path
+    size: int
+    mtime: float  # last use
+
+
+def chunk_path(root: Path, key: str) -> Path:
+    return root / key[:2] / (key + SUFFIX)
+
+
+def iter_chunk_files(root: Path) -> Iterator[ChunkFile]:
+    """Every chunk file under ``root``; removes temporary files of writers that died."""
+    for sub in root.iterdir():
+        if not sub.is_dir() or sub.name == QUARANTINE or len(sub.name) != 2:
+            continue
+        for f in sub.iterdir():
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                continue  # removed by another process meanwhile
+            if f.name.endswith(SUFFIX):
+                yield ChunkFile(f.name[:-len(SUFFIX)], f, st.st_size, st.st_mtime)
+            elif ".tmp." in f.name and time.time() - st.st_mtime > _STALE_TMP_SECONDS:
+                f.unlink(missing_ok=True)
 
 
 class DiskTier:
@@ -48,24 +76,11 @@ class DiskTier:
         self._scan()
 
     def path(self, key: str) -> Path:
-        return self.root / key[:2] / (key + SUFFIX)
+        return chunk_path(self.root, key)
 
     def _scan(self) -> None:
-        found = []
-        for sub in self.root.iterdir():
-            if not sub.is_dir() or sub.name == QUARANTINE or len(sub.name) != 2:
-                continue
-            for f in sub.iterdir():
-                try:
-                    st = f.stat()
-                except FileNotFoundError:
-                    continue  # removed by another process meanwhile
-                if f.name.endswith(SUFFIX):
-                    found.append((st.st_mtime, f.name[:-len(SUFFIX)], st.st_size))
-                elif ".tmp." in f.name and time.time() - st.st_mtime > _STALE_TMP_SECONDS:
-                    f.unlink(missing_ok=True)  # left by a writer that died
-        for _, key, size in sorted(found):
-            self._add(key, size)
+        for f in sorted(iter_chunk_files(self.root), key=lambda f: f.mtime):
+            self._add(f.key, f.size)
         log.info("disk tier %s: %d chunks, %.1f MiB", self.root, len(self._sizes), self.used_bytes / 2**20)
 
     def _add(self, key: str, size: int) -> None:

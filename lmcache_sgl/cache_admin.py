@@ -1,0 +1,243 @@
+"""Offline operations on a cache directory: stats, inspect, verify, prune, export, import.
+
+Engine-free; safe to run while servers use the directory (every change is an
+atomic rename or unlink, which readers already treat as a miss).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .storage.chunk_file import ChunkHeader, CorruptChunk, decode_chunk, read_header
+from .storage.disk_tier import QUARANTINE, DiskTier, chunk_path, iter_chunk_files
+
+_KEY = re.compile(r"^[0-9a-f]{32}$")
+_HEADER_PROBE = 64 << 10  # bytes read to parse a header; a 256-token chunk's header is ~1.2 KiB
+AGE_BUCKETS = (("<1h", 3600), ("<1d", 86400), ("<7d", 7 * 86400), (">=7d", float("inf")))
+
+Progress = Callable[[Iterable], Iterable]
+
+
+def _no_progress(items: Iterable) -> Iterable:
+    return items
+
+
+def open_root(root: str | os.PathLike) -> Path:
+    path = Path(root)
+    if not path.is_dir():
+        raise ValueError(f"cache directory {str(path)!r} does not exist or is not a directory")
+    return path
+
+
+def read_file_header(path: Path) -> ChunkHeader:
+    """Parse a chunk file's header, reading only its start. Raises CorruptChunk or OSError."""
+    with open(path, "rb") as f:
+        head = f.read(_HEADER_PROBE)
+        try:
+            return read_header(head)[0]
+        except CorruptChunk:
+            return read_header(head + f.read())[0]  # a header longer than the probe
+
+
+def model_label(fingerprint: dict) -> str:
+    fp = fingerprint
+    return (f"{fp.get('model_name')} {fp.get('kv_dtype')} L{fp.get('num_layers')} H{fp.get('num_kv_heads')}"
+            f" D{fp.get('head_dim')} tp{fp.get('tp_rank')}/{fp.get('tp_size')}")
+
+
+@dataclass
+class CacheStats:
+    entries: int = 0
+    bytes: int = 0
+    raw_bytes: int = 0
+    unreadable: int = 0
+    quarantined: int = 0
+    models: dict[str, dict[str, int]] = field(default_factory=dict)  # label -> {"entries", "bytes"}
+    age: dict[str, int] = field(default_factory=lambda: {name: 0 for name, _ in AGE_BUCKETS})  # since written
+    idle: dict[str, int] = field(default_factory=lambda: {name: 0 for name, _ in AGE_BUCKETS})  # since last use
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.raw_bytes / self.bytes if self.bytes else 1.0
+
+
+def _bucket(seconds: float) -> str:
+    return next(name for name, limit in AGE_BUCKETS if seconds < limit)
+
+
+def cache_stats(root: str | os.PathLike, progress: Progress = _no_progress) -> CacheStats:
+    root = open_root(root)
+    stats, now = CacheStats(), time.time()
+    for f in progress(list(iter_chunk_files(root))):
+        try:
+            header = read_file_header(f.path)
+        except (CorruptChunk, OSError):
+            stats.unreadable += 1
+            continue
+        stats.entries += 1
+        stats.bytes += f.size
+        stats.raw_bytes += header.raw_len
+        model = stats.models.setdefault(model_label(header.fingerprint), {"entries": 0, "bytes": 0})
+        model["entries"] += 1
+        model["bytes"] += f.size
+        stats.age[_bucket(now - header.created)] += 1
+        stats.idle[_bucket(now - f.mtime)] += 1
+    quarantine = root / QUARANTINE
+    stats.quarantined = len(list(quarantine.iterdir())) if quarantine.is_dir() else 0
+    return stats
+
+
+def inspect_entry(root: str | os.PathLike, key: str) -> dict:
+    """One entry's header, as plain data (token ids as a list)."""
+    if not _KEY.match(key):
+        raise ValueError(f"key {key!r} is not 32 lowercase hex characters")
+    path = chunk_path(open_root(root), key)
+    if not path.exists():
+        raise ValueError(f"no entry {key} in {root}")
+    header = read_file_header(path)
+    out = {name: getattr(header, name) for name in header.__slots__}
+    out["token_ids"] = [int.from_bytes(header.token_ids[i:i + 4], "little", signed=True)
+                        for i in range(0, len(header.token_ids), 4)]
+    out["file_bytes"] = path.stat().st_size
+    return out
+
+
+@dataclass
+class VerifyReport:
+    checked: int
+    bad: dict[str, str]  # key -> reason; each was moved to quarantine/
+
+
+def verify(root: str | os.PathLike, threads: int = 4, progress: Progress = _no_progress) -> VerifyReport:
+    """Fully decode every file (header, lengths, checksum); quarantine the bad ones."""
+    root = open_root(root)
+    files = list(iter_chunk_files(root))
+
+    def check(key: str) -> str | None:
+        try:
+            decode_chunk(chunk_path(root, key).read_bytes(), key=key)
+            return None
+        except FileNotFoundError:
+            return None  # removed meanwhile: nothing to verify
+        except (CorruptChunk, OSError) as e:
+            return str(e)
+
+    with ThreadPoolExecutor(threads) as pool:
+        reasons = list(progress(pool.map(check, [f.key for f in files])))
+    bad = {f.key: r for f, r in zip(files, reasons) if r is not None}
+    if bad:
+        tier = DiskTier(root, budget_bytes=1 << 62, policy="LRU")
+        for key, reason in bad.items():
+            tier.quarantine(key, reason)
+    return VerifyReport(len(files), bad)
+
+
+@dataclass
+class PruneReport:
+    removed: list[str]
+    freed_bytes: int
+    kept_entries: int
+    kept_bytes: int
+    dry_run: bool
+
+
+def prune(root: str | os.PathLike, *, max_bytes: int | None = None, older_than_s: float | None = None,
+          model: str | None = None, dry_run: bool = False) -> PruneReport:
+    """Remove entries of ``model`` (a model_name), then idle longer than ``older_than_s``,
+    then the least recently used until the directory fits ``max_bytes``."""
+    root = open_root(root)
+    files = sorted(iter_chunk_files(root), key=lambda f: f.mtime)  # coldest first
+    now, doomed = time.time(), set()
+    for f in files:
+        if older_than_s is not None and now - f.mtime > older_than_s:
+            doomed.add(f.key)
+        elif model is not None and _model_of(f.path) == model:
+            doomed.add(f.key)
+    kept = [f for f in files if f.key not in doomed]
+    total = sum(f.size for f in kept)
+    for f in kept:
+        if max_bytes is None or total <= max_bytes:
+            break
+        doomed.add(f.key)
+        total -= f.size
+    removed = [f for f in files if f.key in doomed]
+    if not dry_run:
+        for f in removed:
+            f.path.unlink(missing_ok=True)
+    return PruneReport([f.key for f in removed], sum(f.size for f in removed), len(files) - len(removed),
+                       sum(f.size for f in files) - sum(f.size for f in removed), dry_run)
+
+
+def _model_of(path: Path) -> str | None:
+    try:
+        return read_file_header(path).fingerprint.get("model_name")
+    except (CorruptChunk, OSError):
+        return None
+
+
+def export_archive(root: str | os.PathLike, archive: str | os.PathLike, progress: Progress = _no_progress) -> int:
+    """Write every entry into one tar file (payloads are already compressed). Returns the count."""
+    root = open_root(root)
+    files = list(iter_chunk_files(root))
+    tmp = Path(f"{archive}.tmp.{os.getpid()}")
+    with tarfile.open(tmp, "w") as tar:
+        for f in progress(files):
+            try:
+                tar.add(f.path, arcname=f"{f.key[:2]}/{f.path.name}")
+            except FileNotFoundError:
+                continue
+    os.replace(tmp, archive)
+    return len(files)
+
+
+@dataclass
+class ImportReport:
+    imported: int
+    skipped_existing: int
+    rejected: dict[str, str]  # member name -> reason
+
+
+def import_archive(archive: str | os.PathLike, root: str | os.PathLike,
+                   progress: Progress = _no_progress) -> ImportReport:
+    """Add an archive's entries to ``root``; each is verified before it lands, atomically."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tier = DiskTier(root, budget_bytes=1 << 62, policy="LRU")
+    imported = skipped = 0
+    rejected: dict[str, str] = {}
+    with tarfile.open(archive, "r") as tar:
+        for member in progress(tar.getmembers()):
+            reason = _import_member(tar, member, root, tier)
+            if reason == "exists":
+                skipped += 1
+            elif reason:
+                rejected[member.name] = reason
+            elif member.isfile():
+                imported += 1
+    return ImportReport(imported, skipped, rejected)
+
+
+def _import_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path, tier: DiskTier) -> str | None:
+    if member.isdir():
+        return None
+    parts = member.name.split("/")
+    key = parts[-1].removesuffix(".kv")
+    if not member.isfile() or len(parts) != 2 or not parts[-1].endswith(".kv") or not _KEY.match(key) \
+            or parts[0] != key[:2]:
+        return "not a chunk file name (<xx>/<32 hex>.kv)"
+    if chunk_path(root, key).exists():
+        return "exists"
+    blob = tar.extractfile(member).read()
+    try:
+        decode_chunk(io.BytesIO(blob).getbuffer(), key=key)
+    except CorruptChunk as e:
+        return str(e)
+    return None if tier.write(key, blob) else "write failed"

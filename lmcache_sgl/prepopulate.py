@@ -1,0 +1,119 @@
+"""Warm a disk cache offline: a transformers forward per prompt, stored as chunks.
+
+The keys and the chunk layout are the ones the engines use (``prefix_keys``
+over the same token ids, fingerprint named by ``model_name_from_path``), so a
+SGLang server or a vLLM connector on the same directory hits these chunks.
+Prompts are read from JSONL, one object per line:
+
+    {"token_ids": [1, 2, 3]}                       used as is
+    {"text": "..."}                                 tokenized like an engine's /generate
+    {"messages": [{"role": "user", "content": ...}]} chat template + generation prompt
+
+Resumable: a prompt whose chunks are all present is skipped, so rerunning
+after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from .config import CacheConfig
+from .keys import ModelFingerprint, model_name_from_path, prefix_keys
+from .layout import ChunkLayout, dtype_from_name
+from .tiered_store import TieredStore
+
+
+@dataclass
+class PrepopulateReport:
+    prompts: int
+    chunks_written: int
+    chunks_present: int
+    skipped: int  # prompts shorter than one chunk
+
+
+def fingerprint_of(model_config: Any, model_dir: str | Path, kv_dtype: str) -> ModelFingerprint:
+    """The fingerprint an engine serving ``model_dir`` with KV in ``kv_dtype`` uses (TP 1)."""
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    return ModelFingerprint(model_name_from_path(str(model_dir)), kv_dtype, model_config.num_hidden_layers,
+                            getattr(model_config, "num_key_value_heads", None) or heads, head_dim)
+
+
+def compute_kv(model: torch.nn.Module, token_ids: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """KV of a prompt as the engines store it (K after RoPE): [L, 2, T, H, D]."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([token_ids]), use_cache=True)
+    cache = out.past_key_values
+    if hasattr(cache, "layers"):  # transformers >= 4.56: DynamicCache.layers[i].keys
+        pairs = [(layer.keys, layer.values) for layer in cache.layers]
+    else:  # a legacy tuple of (k, v) per layer
+        pairs = [(k, v) for k, v in cache]
+    # each k, v: [1, H, T, D] -> [T, H, D]
+    return torch.stack([torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)]) for k, v in pairs]).to(dtype)
+
+
+def read_prompts(path: str | Path, tokenizer: Any) -> Iterator[list[int]]:
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from None
+            yield _token_ids(record, tokenizer, f"{path}:{line_no}")
+
+
+def _token_ids(record: Any, tokenizer: Any, where: str) -> list[int]:
+    if isinstance(record, dict) and "token_ids" in record:
+        return [int(t) for t in record["token_ids"]]
+    if isinstance(record, dict) and "text" in record:
+        return list(tokenizer(record["text"])["input_ids"])
+    if isinstance(record, dict) and "messages" in record:
+        ids = tokenizer.apply_chat_template(record["messages"], add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    raise ValueError(f"{where}: expected an object with 'token_ids', 'text' or 'messages'")
+
+
+def prepopulate(model_dir: str | Path, input_path: str | Path, cache_dir: str | Path, *, chunk_size: int = 256,
+                kv_dtype: str = "float32", resume: bool = True,
+                progress: Callable[[Iterable], Iterable] = lambda x: x) -> PrepopulateReport:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(model_dir, "config.json").exists():
+        raise ValueError(f"model directory {str(model_dir)!r} has no config.json")
+    dtype = dtype_from_name(kv_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    layout = ChunkLayout(fingerprint_of(model.config, model_dir, kv_dtype), chunk_size)
+    config = CacheConfig.load(overrides={"chunk_size": chunk_size, "local_cpu": False, "local_disk": str(cache_dir)})
+    report = PrepopulateReport(0, 0, 0, 0)
+    with TieredStore(config, layout) as store:
+        for ids in progress(list(read_prompts(input_path, tokenizer))):
+            report.prompts += 1
+            _store_prompt(store, model, layout, ids, dtype, resume, report)
+    return report
+
+
+def _store_prompt(store: TieredStore, model, layout: ChunkLayout, ids: list[int], dtype: torch.dtype,
+                  resume: bool, report: PrepopulateReport) -> None:
+    c = layout.chunk_size
+    keys = prefix_keys(layout.fingerprint, ids, c)
+    if not keys:
+        report.skipped += 1
+        return
+    present = store.lookup(keys).num_hits if resume else 0
+    report.chunks_present += present
+    if present == len(keys):
+        return
+    kv = compute_kv(model, ids[:len(keys) * c], dtype)  # [L, 2, n_chunks*C, H, D]
+    for i in range(present, len(keys)):
+        chunk = kv[:, :, i * c:(i + 1) * c].contiguous()
+        while not store.put(keys[i], ids[i * c:(i + 1) * c], chunk, start_pos=i * c):
+            store.flush_pending()  # the write queue is full: let it drain
+        report.chunks_written += 1
