@@ -26,6 +26,7 @@ GiB = 1 << 30
 
 CACHE_POLICIES = ("LRU", "FIFO", "LFU")
 DISK_CODECS = ("lz4", "zstd", "none")
+LOAD_POLICIES = ("auto", "always")
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,8 @@ class CacheConfig:
     disk_codec: str = "lz4"
     # Byte-shuffle multi-byte dtypes before compression (bf16: 1.00x -> 1.19x with LZ4).
     byte_shuffle: bool = True
+    # "auto": load a hit only when the cost model says loading beats recompute; "always": load every hit.
+    load_policy: str = "auto"
     # Bounded queue of pending disk/remote writes; a put that finds it full is dropped and counted.
     max_pending_writes: int = 64
     # Threads for compression and file I/O.
@@ -66,6 +69,7 @@ class CacheConfig:
         object.__setattr__(self, "cache_policy", self.cache_policy.upper())
         _require(self.cache_policy in CACHE_POLICIES, "cache_policy", self.cache_policy, f"one of {CACHE_POLICIES}")
         _require(self.disk_codec in DISK_CODECS, "disk_codec", self.disk_codec, f"one of {DISK_CODECS}")
+        _require(self.load_policy in LOAD_POLICIES, "load_policy", self.load_policy, f"one of {LOAD_POLICIES}")
         _require(self.max_pending_writes >= 1, "max_pending_writes", self.max_pending_writes, "an integer >= 1")
         _require(self.io_threads >= 1, "io_threads", self.io_threads, "an integer >= 1")
         _require(self.remote_url is None or self.remote_url.startswith("redis://"), "remote_url",

@@ -30,6 +30,7 @@ class Counters:
     raw_bytes_written: int = 0
     encoded_bytes_written: int = 0
     corrupt_chunks: int = 0  # failed verification: never served
+    cut_by_cost: int = 0  # lookups shortened because recompute beats loading
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,7 @@ class StoreStats:
     raw_bytes_written: int
     encoded_bytes_written: int
     corrupt_chunks: int
+    cut_by_cost: int
     host_entries: int
     host_bytes: int
     host_capacity_bytes: int

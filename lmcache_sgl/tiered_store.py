@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Sequence
 
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from .config import CacheConfig
+from .cost_model import CostModel
 from .keys import token_bytes
 from .layout import ChunkLayout
 from .metrics import Counters, StoreStats, Tier
@@ -60,6 +62,7 @@ class TieredStore:
         self._fingerprint = layout.fingerprint.to_dict()
         self._lock = threading.Lock()
         self._counters = Counters()
+        self.cost = CostModel(config.load_policy)
         self._pending: dict[str, PendingWrite] = {}  # queued for write-back, still servable
         self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="lmcache-sgl-io")
         self._host = HostTier(config.host_bytes, layout.chunk_bytes, config.cache_policy) \
@@ -162,15 +165,24 @@ class TieredStore:
         return None
 
     def lookup(self, keys: Sequence[str]) -> LookupResult:
-        tiers = []
+        """Leading keys present and worth loading (``load_policy``), with their tiers."""
+        tiers, cut = [], False
         for key in keys:
             tier = self.contains(key)
             if tier is None:
                 break
+            if not self.cost.worth_loading(tier, self.layout.chunk_bytes, self.layout.chunk_size):
+                cut = True
+                break
             tiers.append(tier)
         with self._lock:
             self._counters.lookups += 1
+            self._counters.cut_by_cost += cut
         return LookupResult(len(tiers), tuple(tiers))
+
+    def record_prefill(self, tokens: int, seconds: float) -> None:
+        """The engine reports a prefill it ran; feeds the load-or-recompute decision."""
+        self.cost.record_prefill(tokens, seconds)
 
     def get(self, keys: Sequence[str], token_ids_per_key: Sequence[TokenIds] | None = None) -> list[torch.Tensor]:
         """The leading chunks found, as CPU tensors [L, P, T, H, D]; stops at the first miss.
@@ -219,12 +231,14 @@ class TieredStore:
 
     def _load_lower(self, tier: Tier, backend: DiskTier | RemoteTier, key: str,
                     tok: bytes | None) -> torch.Tensor | None:
+        start = time.perf_counter()
         blob = backend.read(key)
         if blob is None:
             return None
         try:
             header, kv = decode_chunk(blob, key=key, token_ids=tok, fingerprint=self._fingerprint, pool=self._pool)
             self._check_chunk(kv, header.num_tokens)
+            self.cost.record_load(tier, header.raw_len, time.perf_counter() - start)
         except (CorruptChunk, ValueError) as e:
             with self._lock:
                 self._counters.corrupt_chunks += 1
@@ -322,6 +336,7 @@ class TieredStore:
                 put_chunks=c.put_chunks, puts_dropped=c.puts_dropped, host_evictions=c.host_evictions,
                 writebacks=c.writebacks, raw_bytes_written=c.raw_bytes_written,
                 encoded_bytes_written=c.encoded_bytes_written, corrupt_chunks=c.corrupt_chunks,
+                cut_by_cost=c.cut_by_cost,
                 host_entries=len(host) if host is not None else 0,
                 host_bytes=host.used_bytes if host is not None else 0,
                 host_capacity_bytes=host.capacity_bytes if host is not None else 0,
