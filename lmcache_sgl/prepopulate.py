@@ -47,14 +47,15 @@ def fingerprint_of(model_config: Any, model_dir: str | Path, kv_dtype: str) -> M
 def compute_kv(model: torch.nn.Module, token_ids: list[int], dtype: torch.dtype) -> torch.Tensor:
     """KV of a prompt as the engines store it (K after RoPE): [L, 2, T, H, D]."""
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([token_ids]), use_cache=True)
+        out = model(input_ids=torch.tensor([token_ids]), use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     if hasattr(cache, "layers"):  # transformers >= 4.56: DynamicCache.layers[i].keys
         pairs = [(layer.keys, layer.values) for layer in cache.layers]
     else:  # a legacy tuple of (k, v) per layer
         pairs = [(k, v) for k, v in cache]
     # each k, v: [1, H, T, D] -> [T, H, D]
-    return torch.stack([torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)]) for k, v in pairs]).to(dtype)
+    kv = torch.stack([torch.stack([k[0], v[0]]) for k, v in pairs])  # [L, 2, H, T, D]
+    return kv.transpose(2, 3).to(dtype).contiguous()
 
 
 def read_prompts(path: str | Path, tokenizer: Any) -> Iterator[list[int]]:
