@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -46,6 +47,19 @@ log = logging.getLogger(__name__)
 TokenIds = Sequence[int] | np.ndarray
 
 __all__ = ["Tier", "LookupResult", "TieredStore"]
+
+
+def _copy_out(src: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
+    """A private copy of ``src``: a clone, or the leading tokens of ``dst`` filled with it."""
+    if dst is None:
+        return src.clone()
+    num_tokens = src.shape[2]  # [L, P, T, H, D]
+    if dst.dim() != 5 or dst.shape[:2] != src.shape[:2] or dst.shape[3:] != src.shape[3:] \
+            or dst.shape[2] < num_tokens or dst.dtype != src.dtype:
+        raise ValueError(f"out buffer {tuple(dst.shape)} {dst.dtype} cannot hold chunk {tuple(src.shape)} {src.dtype}")
+    view = dst[:, :, :num_tokens]
+    view.copy_(src)
+    return view
 
 
 class LookupResult(NamedTuple):
@@ -184,50 +198,57 @@ class TieredStore:
         """The engine reports a prefill it ran; feeds the load-or-recompute decision."""
         self.cost.record_prefill(tokens, seconds)
 
-    def get(self, keys: Sequence[str], token_ids_per_key: Sequence[TokenIds] | None = None) -> list[torch.Tensor]:
+    def get(self, keys: Sequence[str], token_ids_per_key: Sequence[TokenIds] | None = None,
+            out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The leading chunks found, as CPU tensors [L, P, T, H, D]; stops at the first miss.
 
         With ``token_ids_per_key``, a chunk whose stored token ids differ is a miss
-        (a guard against key collisions).
+        (a guard against key collisions). With ``out`` (one tensor per key, e.g.
+        pinned staging buffers), chunk i is copied into ``out[i]`` (its leading T
+        tokens for a partial chunk) and that view is returned: one copy from the
+        host slot, no temporary. Without it, each chunk is a private copy.
         """
-        out = []
+        if out is not None and len(out) < len(keys):
+            raise ValueError(f"out has {len(out)} buffers for {len(keys)} keys")
+        result = []
         for i, key in enumerate(keys):
             tok = token_bytes(token_ids_per_key[i]) if token_ids_per_key is not None else None
-            kv = self._get_one(key, tok)
+            kv = self._get_one(key, tok, out[i] if out is not None else None)
             if kv is None:
                 with self._lock:
                     self._counters.miss_chunks += 1
                 break
-            out.append(kv)
-        return out
+            result.append(kv)
+        return result
 
-    def _get_one(self, key: str, tok: bytes | None) -> torch.Tensor | None:
+    def _get_one(self, key: str, tok: bytes | None, dst: torch.Tensor | None) -> torch.Tensor | None:
         with self._lock:
             found = self._get_host_locked(key)
             if found is not None:
-                stored_tok, kv = found
+                stored_tok, view = found
                 if tok is not None and stored_tok != tok:
                     log.warning("chunk %s: token ids differ from the request's; treated as a miss", key)
                     return None
                 self._counters.hit_chunks[Tier.HOST.value] += 1
-                return kv
+                return _copy_out(view, dst)
         for tier, backend in ((Tier.DISK, self._disk), (Tier.REMOTE, self._remote)):
             if backend is None:
                 continue
             kv = self._load_lower(tier, backend, key, tok)
             if kv is not None:
-                return kv
+                return kv if dst is None else _copy_out(kv, dst)
         return None
 
     def _get_host_locked(self, key: str) -> tuple[bytes, torch.Tensor] | None:
+        """(token ids, a view of the stored chunk); copy it out before releasing the lock."""
         job = self._pending.get(key)
         if job is not None:
-            return job.token_ids, job.kv.clone()
+            return job.token_ids, job.kv
         entry = self._host.entry(key) if self._host is not None else None
         if entry is None:
             return None
         self._host.touch(key)
-        return entry.token_ids, self._host.view(entry).clone()
+        return entry.token_ids, self._host.view(entry)
 
     def _load_lower(self, tier: Tier, backend: DiskTier | RemoteTier, key: str,
                     tok: bytes | None) -> torch.Tensor | None:
@@ -253,6 +274,46 @@ class TieredStore:
             if self._host is not None and key not in self._host and self._make_room_locked():
                 self._host.insert(key, kv, header.token_ids, header.start_pos, dirty=False)
         return kv
+
+    @contextmanager
+    def borrow(self, keys: Sequence[str], token_ids_per_key: Sequence[TokenIds] | None = None):
+        """Yield the leading chunks as views of their host slots, without copying.
+
+        The entries are pinned (never evicted or overwritten) until the block
+        exits; on CUDA the slots are pinned memory, which the scatter kernel
+        reads zero-copy. Disk and remote hits are promoted into the host tier
+        first. A chunk that cannot get a host slot (all pinned, or no host
+        tier) is yielded as a private copy instead; check ``is_pinned()``.
+        """
+        views: list[torch.Tensor] = []
+        pinned: list[str] = []
+        try:
+            for i, key in enumerate(keys):
+                tok = token_bytes(token_ids_per_key[i]) if token_ids_per_key is not None else None
+                view = self._pin_host(key, tok, count_hit=True)
+                if view is None:
+                    loaded = self._get_one(key, tok, None)  # counts the hit; promotes when it can
+                    if loaded is None:
+                        break
+                    view = self._pin_host(key, tok, count_hit=False)
+                    if view is None:
+                        views.append(loaded)  # no host slot for it: a private copy
+                        continue
+                pinned.append(key)
+                views.append(view)
+            yield views
+        finally:
+            self.unpin(pinned)
+
+    def _pin_host(self, key: str, tok: bytes | None, count_hit: bool) -> torch.Tensor | None:
+        with self._lock:
+            entry = self._host.entry(key) if self._host is not None else None
+            if entry is None or (tok is not None and entry.token_ids != tok):
+                return None
+            entry.refs += 1
+            self._host.touch(key)
+            self._counters.hit_chunks[Tier.HOST.value] += count_hit
+            return self._host.view(entry)
 
     # ---- pinning, removal, lifecycle --------------------------------------
 

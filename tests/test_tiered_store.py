@@ -193,3 +193,48 @@ def test_remove_and_clear(layout, tmp_path):
         assert store.contains(keys[0]) is None and store.contains(keys[3]) is Tier.HOST
         store.clear()
         assert store.lookup(keys[1:]).num_hits == 0 and not list(tmp_path.rglob("*.kv"))
+
+
+def test_get_into_caller_buffers(layout, tmp_path):
+    keys, toks, kvs = prompt_chunks(layout, 3)
+    cfg = store_config(layout, host_chunks=1, disk_dir=tmp_path, disk_chunks=10)
+    with TieredStore(cfg, layout) as store:
+        for k, t, kv in zip(keys, toks, kvs):
+            store.put(k, t, kv)
+        store.flush_pending()
+        out = [torch.full(layout.shape(layout.chunk_size), float("nan"), dtype=layout.dtype) for _ in keys]
+        got = store.get(keys, toks, out=out)  # chunks 0, 1 from disk, 2 from host
+        assert len(got) == 3
+        for buf, view, kv in zip(out, got, kvs):
+            assert view.data_ptr() == buf.data_ptr() and _equal(buf, kv)
+        with pytest.raises(ValueError, match="cannot hold"):
+            store.get(keys[:1], out=[torch.empty(3, dtype=layout.dtype)])
+
+
+def test_borrow_lends_pinned_slots_without_copying(layout, tmp_path):
+    keys, toks, kvs = prompt_chunks(layout, 3)
+    cfg = store_config(layout, host_chunks=3, disk_dir=tmp_path, disk_chunks=10)
+    with TieredStore(cfg, layout) as store:
+        for k, t, kv in zip(keys, toks, kvs):
+            store.put(k, t, kv)
+        with store.borrow(keys, toks) as views:
+            assert len(views) == 3 and all(_equal(v, kv) for v, kv in zip(views, kvs))
+            before = views[0].data_ptr()
+            assert not store.put("other", range(16), kvs[0])  # every slot is lent: nothing evictable
+            assert store.get(keys[:1])[0].data_ptr() != before  # get still copies
+        assert store.put("other", range(16), kvs[0])  # released on exit
+        assert store.stats().hit_chunks["host"] == 4
+
+
+def test_borrow_promotes_disk_hits_and_stops_at_a_miss(layout, tmp_path):
+    keys, toks, kvs = prompt_chunks(layout, 3)
+    cfg = store_config(layout, host_chunks=0, disk_dir=tmp_path, disk_chunks=10)
+    with TieredStore(cfg, layout) as store:  # no host tier: borrowed chunks are private copies
+        store.put(keys[0], toks[0], kvs[0])
+        store.flush_pending()
+        with store.borrow(keys, toks) as views:
+            assert len(views) == 1 and _equal(views[0], kvs[0])
+    with TieredStore(store_config(layout, host_chunks=2, disk_dir=tmp_path, disk_chunks=10), layout) as store:
+        with store.borrow(keys[:1], toks[:1]) as views:
+            assert store.lookup(keys[:1]).tiers == (Tier.HOST,)  # promoted and lent
+            assert store.stats().hit_chunks == {"host": 0, "disk": 1, "remote": 0}
