@@ -1,0 +1,121 @@
+"""SGLang plugin entry point (entry-point group ``sglang.srt.plugins``).
+
+SGLang calls ``load()`` early in the launcher (before argument parsing) and in
+every scheduler and detokenizer process. ``load()`` only registers hooks, so a
+server started without ``--enable-lmcache`` runs stock SGLang (plus the CPU
+shims, which change nothing on CUDA machines):
+
+  launcher   ``ServerArgs.resolve_once`` (BEFORE): checks the sglang version and
+             the cache config, then turns ``--enable-lmcache`` into
+             ``--radix-cache-backend lmcache_sgl``. The stock flag would import
+             the real ``lmcache`` package (``mem_cache/registry.py``), which is
+             neither needed nor installed.
+  scheduler  the ``lmcache_sgl`` radix backend builds ``TieredRadixCache``;
+             ``get_cached_tokens_details`` (AFTER) tags the per-tier breakdown
+             in each response's ``meta_info``.
+
+A plugin that raises inside ``load()`` is only logged by SGLang, so every
+check that must stop a launch runs in the ``resolve_once`` hook instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_SGLANG = "0.5.23"
+BACKEND_NAME = "lmcache_sgl"
+
+_RESOLVE_TARGET = "sglang.srt.server_args.ServerArgs.resolve_once"
+_DETAILS_TARGET = ("sglang.srt.managers.scheduler_components.output_streamer."
+                   "SchedulerOutputStreamer.get_cached_tokens_details")
+
+
+class UnsupportedSGLang(RuntimeError):
+    """The installed sglang is not the version this adapter is written against."""
+
+
+def sglang_version() -> str:
+    try:
+        return metadata.version("sglang")
+    except metadata.PackageNotFoundError:
+        import sglang
+
+        return getattr(sglang, "__version__", "unknown")
+
+
+def check_sglang_version(found: str | None = None) -> None:
+    """Raise ``UnsupportedSGLang`` unless sglang is exactly ``SUPPORTED_SGLANG``."""
+    found = found or sglang_version()
+    if found != SUPPORTED_SGLANG:
+        raise UnsupportedSGLang(
+            f"lmcache_sgl's --enable-lmcache supports sglang=={SUPPORTED_SGLANG} only, but sglang=={found} "
+            f"is installed; install sglang=={SUPPORTED_SGLANG} or start without --enable-lmcache")
+
+
+def load() -> None:
+    """Register the hooks and the radix-cache backend (idempotent)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from . import cpu_shims
+
+    cpu_shims.apply()
+    if sglang_version() != SUPPORTED_SGLANG:
+        log.warning("lmcache_sgl: sglang %s is installed; --enable-lmcache needs sglang==%s",
+                    sglang_version(), SUPPORTED_SGLANG)
+    HookRegistry.register(_RESOLVE_TARGET, before_resolve_once, HookType.BEFORE)
+    HookRegistry.register(_DETAILS_TARGET, after_cached_tokens_details, HookType.AFTER)
+    _register_backend()
+
+
+def before_resolve_once(server_args, *args, **kwargs):
+    """Validate and rewrite ``--enable-lmcache`` before SGLang resolves its arguments.
+
+    Raises (stopping the launcher before any process starts) on an unsupported
+    sglang, a bad cache config, or flags the tiered cache cannot serve.
+    """
+    if getattr(server_args, "_resolution_finished", False) or not getattr(server_args, "enable_lmcache", False):
+        return None
+    check_sglang_version()
+    from ...config import CacheConfig
+
+    config = CacheConfig.load(server_args.lmcache_config_file)  # ConfigError names the bad key
+    if server_args.radix_cache_backend not in (None, BACKEND_NAME):
+        raise ValueError(f"--enable-lmcache selects --radix-cache-backend {BACKEND_NAME}; "
+                         f"drop --radix-cache-backend {server_args.radix_cache_backend}")
+    if server_args.enable_hierarchical_cache:
+        raise ValueError("--enable-lmcache brings its own host and disk tiers; drop --enable-hierarchical-cache")
+    if server_args.disable_radix_cache:
+        raise ValueError("--enable-lmcache extends the radix cache; drop --disable-radix-cache")
+    server_args.enable_lmcache = False  # keep SGLang off its own LMCache code paths
+    server_args.radix_cache_backend = BACKEND_NAME
+    log.info("lmcache_sgl: --enable-lmcache -> radix cache backend %r (chunk_size=%d, host %.2f GiB, disk %s)",
+             BACKEND_NAME, config.chunk_size, config.max_local_cpu_size if config.local_cpu else 0.0,
+             config.local_disk or "off")
+    return None
+
+
+def after_cached_tokens_details(details, streamer, req, *args, **kwargs):
+    """Name our disk tier in ``meta_info.cached_tokens_details`` (SGLang calls it "storage")."""
+    if details is None or not _is_ours(getattr(streamer, "tree_cache", None)):
+        return None
+    details.setdefault("storage", 0)
+    details["storage_backend"] = BACKEND_NAME
+    return details
+
+
+def _is_ours(tree_cache) -> bool:
+    from .radix_cache import TieredRadixCache
+
+    return isinstance(tree_cache, TieredRadixCache)
+
+
+def _register_backend() -> None:
+    from sglang.srt.mem_cache.registry import register_radix_cache_backend, registered_radix_cache_backends
+
+    from .factory import build_tiered_radix_cache
+
+    if BACKEND_NAME not in registered_radix_cache_backends():
+        register_radix_cache_backend(BACKEND_NAME, build_tiered_radix_cache)

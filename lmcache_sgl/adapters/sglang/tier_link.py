@@ -1,0 +1,167 @@
+"""The store side of the SGLang radix extension: which chunks to save, plan and load.
+
+Nothing here touches the radix tree; ``radix_cache.TieredRadixCache`` hands in
+token ids and device slots. Index ranges of one token path, chunk size C:
+
+    # [0, n_full*C)               full chunks, keyed by prefix_keys(fp, tokens, C)
+    # [i*C, (i+1)*C)              chunk i; saved when the node holding its last token leaves the device
+    # [device_len, hit_end)       a load: beyond the device match, up to the last leading store hit
+
+Every failure here (a corrupt chunk, an unreadable file, a full disk) is
+logged and becomes a miss: a save that fails is dropped, a load that fails
+loads nothing, and the request is prefilled as if the store were empty.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from ...keys import ModelFingerprint, prefix_keys
+from ...metrics import Tier
+from ...tiered_store import TieredStore
+from .device_kv import DeviceKV
+
+log = logging.getLogger(__name__)
+
+
+class LoadPlan(NamedTuple):
+    """Store hits that extend a device match of ``device_len`` tokens to ``hit_end``."""
+
+    tokens: np.ndarray  # int64 token ids [0, hit_end)
+    keys: tuple[str, ...]  # keys of chunks first_chunk .. hit_end // C - 1
+    first_chunk: int  # the chunk holding token device_len
+    device_len: int
+    hit_end: int
+
+
+class Loaded(NamedTuple):
+    kv: torch.Tensor  # host [L, 2, hit_end - device_len, H, D]
+    host_tokens: int  # of those tokens, how many came from the host tier
+    disk_tokens: int  # ... and from disk (or remote)
+
+
+@dataclass
+class LinkCounters:
+    """Token counts since start, by where the KV came from or went."""
+
+    saved_chunks: int = 0
+    save_failures: int = 0
+    loads: int = 0
+    load_failures: int = 0
+    tokens: dict = field(default_factory=lambda: {"host": 0, "disk": 0})
+
+
+class TierLink:
+    """Moves whole chunks between SGLang's device pool and a ``TieredStore``."""
+
+    def __init__(self, store: TieredStore, device_kv: DeviceKV, fingerprint: ModelFingerprint) -> None:
+        self.store = store
+        self.device_kv = device_kv
+        self.fingerprint = fingerprint
+        self.chunk_size = store.config.chunk_size
+        self.counters = LinkCounters()
+        self._lock = threading.Lock()
+
+    # ---- save (device -> store) -------------------------------------------
+
+    def save_completed_chunks(self, tokens: np.ndarray, slots: torch.Tensor, node_start: int) -> int:
+        """Store the full chunks whose last token lies in [node_start, len(tokens)).
+
+        ``slots`` [len(tokens)] are the device slots of the whole path from the
+        root; the path is still on the device. Returns how many chunks were put.
+        """
+        c = self.chunk_size
+        n_full = len(tokens) // c
+        first = node_start // c
+        if first >= n_full:
+            return 0
+        try:
+            keys = prefix_keys(self.fingerprint, tokens[:n_full * c], c)
+            todo = [i for i in range(first, n_full) if self.store.contains(keys[i]) is None]
+            if not todo:
+                return 0
+            index = torch.cat([torch.arange(i * c, (i + 1) * c) for i in todo])
+            kv = self.device_kv.gather(slots[index.to(slots.device)])  # [L, 2, len(todo)*C, H, D]
+            put = 0
+            for j, i in enumerate(todo):
+                put += self.store.put(keys[i], tokens[i * c:(i + 1) * c], kv[:, :, j * c:(j + 1) * c])
+        except Exception:  # noqa: BLE001 - engine boundary: a failed save is a dropped save
+            log.exception("lmcache_sgl: saving %d evicted chunk(s) failed; they are dropped", n_full - first)
+            with self._lock:
+                self.counters.save_failures += 1
+            return 0
+        with self._lock:
+            self.counters.saved_chunks += put
+        return put
+
+    # ---- plan (a cheap lookup, no data moved) -------------------------------
+
+    def plan(self, tokens: np.ndarray, device_len: int) -> LoadPlan | None:
+        """The store hits beyond a device match of ``device_len`` tokens, or None."""
+        c = self.chunk_size
+        n_full = len(tokens) // c
+        first = device_len // c
+        if first >= n_full:
+            return None
+        try:
+            keys = prefix_keys(self.fingerprint, tokens[:n_full * c], c)
+            hits = self.store.lookup(keys[first:]).num_hits
+        except Exception:  # noqa: BLE001
+            log.exception("lmcache_sgl: store lookup failed; treated as a miss")
+            return None
+        hit_end = (first + hits) * c
+        if hit_end <= device_len:
+            return None
+        return LoadPlan(tokens[:hit_end], tuple(keys[first:first + hits]), first, device_len, hit_end)
+
+    # ---- load (store -> host tensor) ---------------------------------------
+
+    def load(self, plan: LoadPlan) -> Loaded | None:
+        """Read the planned chunks; None (a logged miss) unless every one is read intact."""
+        c = self.chunk_size
+        spans = [(i * c, (i + 1) * c) for i in range(plan.first_chunk, plan.hit_end // c)]
+        try:
+            tiers = self.store.lookup(plan.keys).tiers  # before get() promotes disk hits to host
+            chunks = self.store.get(plan.keys, [plan.tokens[s:e] for s, e in spans])
+        except Exception:  # noqa: BLE001
+            log.exception("lmcache_sgl: loading %d chunk(s) failed; treated as a miss", len(plan.keys))
+            chunks, tiers = [], ()
+        if len(chunks) < len(plan.keys) or len(tiers) < len(plan.keys):
+            log.warning("lmcache_sgl: %d of %d planned chunk(s) could not be read; prefilling instead",
+                        len(plan.keys) - min(len(chunks), len(tiers)), len(plan.keys))
+            with self._lock:
+                self.counters.load_failures += 1
+            return None
+        skip = plan.device_len - plan.first_chunk * c  # tokens of the first chunk already on the device
+        kv = torch.cat(chunks, dim=2)[:, :, skip:]  # [L, 2, hit_end - device_len, H, D]
+        host, disk = _split_by_tier(spans, tiers, plan.device_len)
+        with self._lock:
+            self.counters.loads += 1
+            self.counters.tokens["host"] += host
+            self.counters.tokens["disk"] += disk
+        return Loaded(kv, host, disk)
+
+
+def _split_by_tier(spans: Sequence[tuple[int, int]], tiers: Sequence[Tier], device_len: int) -> tuple[int, int]:
+    """Loaded tokens (those at or after ``device_len``) that came from the host tier, and from below it."""
+    host = disk = 0
+    for (start, end), tier in zip(spans, tiers):
+        n = end - max(start, device_len)
+        if tier == Tier.HOST:
+            host += n
+        else:
+            disk += n
+    return host, disk
+
+
+def token_array(token_ids) -> np.ndarray:
+    """Token ids (array('q'), list, tensor) as an int64 numpy array."""
+    if isinstance(token_ids, torch.Tensor):
+        return token_ids.cpu().numpy().astype(np.int64, copy=False)
+    return np.asarray(token_ids, dtype=np.int64)
