@@ -90,3 +90,20 @@ def test_split_by_tier_counts_only_loaded_tokens():
     """Tokens of the first chunk that are already on the device count for no tier."""
     spans = [(0, 16), (16, 32), (32, 48)]
     assert _split_by_tier(spans, [Tier.HOST, Tier.DISK, Tier.DISK], device_len=8) == (8, 32)
+
+
+def test_a_load_from_mid_chunk_scatters_into_the_pool(link):
+    """Regression: a device match ending inside a chunk (20 of 16+16) yields KV the kernel accepts."""
+    tokens, slots = path(50, seed=3)
+    link.save_completed_chunks(tokens, slots, node_start=0)
+    loaded = link.load(link.plan(tokens, device_len=20))
+    fresh = torch.arange(SLOTS - 28, SLOTS)  # [28] new device slots
+    saved = [(k.clone(), v.clone()) for k, v in POOL]
+    want = expected(slots[20:48])
+    try:
+        link.device_kv.scatter(fresh, loaded.kv)
+        assert torch.equal(expected(fresh), want)
+    finally:
+        for (k, v), (k0, v0) in zip(POOL, saved):
+            k.copy_(k0)
+            v.copy_(v0)

@@ -139,7 +139,7 @@ class TierLink:
                 self.counters.load_failures += 1
             return None
         skip = plan.device_len - plan.first_chunk * c  # tokens of the first chunk already on the device
-        kv = torch.cat(chunks, dim=2)[:, :, skip:]  # [L, 2, hit_end - device_len, H, D]
+        kv = torch.cat(chunks, dim=2)[:, :, skip:].contiguous()  # [L, 2, hit_end - device_len, H, D]
         host, disk = _split_by_tier(spans, tiers, plan.device_len)
         with self._lock:
             self.counters.loads += 1
