@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +29,9 @@ from pathlib import Path
 
 import requests
 
+from lmcache_sgl.adapters.sglang.local_server import LocalServer
+
 ROOT = Path(__file__).resolve().parents[1]
-STUB_DIR = ROOT / "scripts" / "cpu_stubs"
-START_TIMEOUT = 600
 CHUNK = 64  # tokens per chunk; a multiple of --page-size 16
 
 SYSTEM = (
@@ -74,59 +71,14 @@ QUESTIONS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def model_path() -> Path:
     from lmcache_sgl.models import ensure_smollm2
 
     return Path(ensure_smollm2())
 
 
-class Server:
-    """One `python -m sglang.launch_server` process group on loopback; ``stop()`` kills the whole group."""
-
-    def __init__(self, model: Path, log: Path, extra_args=(), port: int | None = None, pool_tokens: int = 1536,
-                 threads: int | None = None) -> None:
-        self.port = port or free_port()
-        self.log_path = log
-        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--device", "cpu",
-               "--attention-backend", "torch_native", "--skip-server-warmup", "--max-total-tokens", str(pool_tokens),
-               "--page-size", "16", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(self.port),
-               "--random-seed", "0", *extra_args]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(STUB_DIR), env.get("PYTHONPATH")]))
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
-        self._log = open(log, "w")
-        self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_s = time.monotonic() - self.t0
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(self.url("/health"), timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"server not ready after {START_TIMEOUT} s:\n{self.log_tail()}")
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+class Server(LocalServer):
+    """The demo's server: streamed /generate with TTFT and per-tier cached tokens."""
 
     def generate(self, text: str, max_new_tokens: int) -> dict:
         """Streamed /generate: TTFT is the time to the first streamed chunk; cache stats from the last one."""
@@ -154,33 +106,6 @@ class Server:
                 "prompt": meta.get("prompt_tokens", 0), "completion": meta.get("completion_tokens", 0),
                 "cached": cached, "device": details.get("device", cached if not details else 0),
                 "host": details.get("host", 0), "disk": details.get("storage", 0)}
-
-    def flush(self) -> None:
-        requests.post(self.url("/flush_cache"), timeout=120).raise_for_status()
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            self._log.flush()
-            return self.log_path.read_text()[-n:]
-        except (OSError, ValueError):
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, 15)  # the launcher, scheduler and detokenizer
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait(30)
-            except ProcessLookupError:
-                pass
-        try:  # children can outlive the launcher
-            os.killpg(self.proc.pid, 9)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if not self._log.closed:
-            self._log.close()
 
 
 def lmcache_args(cfg_dir: Path, disk: Path, chunk: int = CHUNK, host_gib: float = 0.02,

@@ -20,10 +20,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +28,7 @@ import torch
 
 pytest.importorskip("sglang")
 
+from lmcache_sgl.adapters.sglang.local_server import LocalServer  # noqa: E402
 from lmcache_sgl.models import build_tiny_llama  # noqa: E402
 from lmcache_sgl.storage.chunk_file import decode_chunk, encode_chunk, read_header  # noqa: E402
 from lmcache_sgl.storage.disk_tier import iter_chunk_files  # noqa: E402
@@ -42,49 +39,10 @@ CHUNK = 64  # tokens per chunk; a multiple of --page-size 16
 PREFIX = 512  # 8 chunks
 CHUNK_BYTES = 2 * 2 * CHUNK * 2 * 16 * 4  # layers * K/V * tokens * kv heads * head dim * fp32
 HOST_CHUNKS = 20
-STUB_DIR = Path(__file__).resolve().parents[1] / "scripts" / "cpu_stubs"
-START_TIMEOUT = 300
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """One `python -m sglang.launch_server` process group on loopback, stopped on exit."""
-
-    def __init__(self, model: Path, log: Path, extra_args=(), env=None, pool_tokens: int = 1024) -> None:
-        self.port = free_port()
-        self.log_path = log
-        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--device", "cpu",
-               "--attention-backend", "torch_native", "--skip-server-warmup", "--max-total-tokens", str(pool_tokens),
-               "--page-size", "16", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(self.port),
-               "--random-seed", "0", *extra_args]
-        full_env = {**os.environ, **(env or {})}
-        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(STUB_DIR), full_env.get("PYTHONPATH")]))
-        self._log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-                                     start_new_session=True)
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(self.url("/health"), timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:  # not listening yet, or too busy starting to answer
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"server not ready after {START_TIMEOUT} s:\n{self.log_tail()}")
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+class Server(LocalServer):
+    """The tests' server: greedy /generate on token ids, with per-tier cached tokens."""
 
     def generate(self, ids: list[int], max_new_tokens: int = 8) -> dict:
         body = {"input_ids": ids, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}}
@@ -96,23 +54,6 @@ class Server:
         return {"tokens": out["output_ids"], "cached": meta["cached_tokens"],
                 "device": details.get("device", meta["cached_tokens"]), "host": details.get("host", 0),
                 "disk": details.get("storage", 0)}
-
-    def flush(self) -> None:
-        requests.post(self.url("/flush_cache"), timeout=60).raise_for_status()
-
-    def log_tail(self, n: int = 4000) -> str:
-        self._log.flush()
-        return self.log_path.read_text()[-n:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)  # our own session: the launcher and its schedulers
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait(30)
-        self._log.close()
 
 
 def prompt(seed: int, n: int) -> list[int]:
