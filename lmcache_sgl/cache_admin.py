@@ -6,7 +6,6 @@ atomic rename or unlink, which readers already treat as a miss).
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import tarfile
@@ -16,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .storage.chunk_file import ChunkHeader, CorruptChunk, decode_chunk, read_header
+from .storage.chunk_file import (MAX_RAW_BYTES, ChunkHeader, CorruptChunk, decode_chunk, max_blob_bytes,
+                                  read_chunk, read_stream_header)
 from .storage.disk_tier import QUARANTINE, DiskTier, chunk_path, iter_chunk_files
 
 _KEY = re.compile(r"^[0-9a-f]{32}$")
-_HEADER_PROBE = 64 << 10  # bytes read to parse a header; a 256-token chunk's header is ~1.2 KiB
 AGE_BUCKETS = (("<1h", 3600), ("<1d", 86400), ("<7d", 7 * 86400), (">=7d", float("inf")))
 
 Progress = Callable[[Iterable], Iterable]
@@ -38,13 +37,16 @@ def open_root(root: str | os.PathLike) -> Path:
 
 
 def read_file_header(path: Path) -> ChunkHeader:
-    """Parse a chunk file's header, reading only its start. Raises CorruptChunk or OSError."""
+    """Parse a chunk file's header, reading only the header. Raises CorruptChunk or OSError."""
     with open(path, "rb") as f:
-        head = f.read(_HEADER_PROBE)
-        try:
-            return read_header(head)[0]
-        except CorruptChunk:
-            return read_header(head + f.read())[0]  # a header longer than the probe
+        return read_stream_header(f)[0]
+
+
+def read_file_blob(path: Path) -> bytearray:
+    """A chunk file's bytes, header first: a file over its header's bound is refused
+    before the payload is read. Raises CorruptChunk or OSError."""
+    with open(path, "rb") as f:
+        return read_chunk(f, os.fstat(f.fileno()).st_size)[1]
 
 
 def model_label(fingerprint: dict) -> str:
@@ -123,11 +125,11 @@ def verify(root: str | os.PathLike, threads: int = 4, progress: Progress = _no_p
 
     def check(key: str) -> str | None:
         try:
-            decode_chunk(chunk_path(root, key).read_bytes(), key=key)
+            decode_chunk(read_file_blob(chunk_path(root, key)), key=key)
             return None
         except FileNotFoundError:
             return None  # removed meanwhile: nothing to verify
-        except (CorruptChunk, OSError) as e:
+        except (CorruptChunk, OSError) as e:  # decode_chunk raises nothing else on any bytes
             return str(e)
 
     with ThreadPoolExecutor(threads) as pool:
@@ -159,7 +161,7 @@ def prune(root: str | os.PathLike, *, max_bytes: int | None = None, older_than_s
     for f in files:
         if older_than_s is not None and now - f.mtime > older_than_s:
             doomed.add(f.key)
-        elif model is not None and _model_of(f.path) == model:
+        elif model is not None and _names_model(_model_of(f.path), model):
             doomed.add(f.key)
     kept = [f for f in files if f.key not in doomed]
     total = sum(f.size for f in kept)
@@ -174,6 +176,11 @@ def prune(root: str | os.PathLike, *, max_bytes: int | None = None, older_than_s
             f.path.unlink(missing_ok=True)
     return PruneReport([f.key for f in removed], sum(f.size for f in removed), len(files) - len(removed),
                        sum(f.size for f in files) - sum(f.size for f in removed), dry_run)
+
+
+def _names_model(model_name: str | None, wanted: str) -> bool:
+    """``wanted`` is the full model_name, or the directory name before its weights digest."""
+    return model_name is not None and wanted in (model_name, model_name.split("@", 1)[0])
 
 
 def _model_of(path: Path) -> str | None:
@@ -225,19 +232,37 @@ def import_archive(archive: str | os.PathLike, root: str | os.PathLike,
     return ImportReport(imported, skipped, rejected)
 
 
+_MAX_MEMBER = max_blob_bytes(MAX_RAW_BYTES)  # no valid chunk file is longer
+
+
+def _member_kind_error(member: tarfile.TarInfo) -> str | None:
+    """Only regular files no longer than a chunk file can be are imported: links and devices are never created."""
+    if member.issym() or member.islnk():
+        return f"a link to {member.linkname!r} is not a regular file"
+    if not member.isfile():
+        return "a device, fifo or other special member is not a regular file"
+    if member.size > _MAX_MEMBER:
+        return f"member of {member.size} bytes exceeds the largest chunk file, {_MAX_MEMBER} bytes"
+    return None
+
+
 def _import_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path, tier: DiskTier) -> str | None:
     if member.isdir():
         return None
+    kind_error = _member_kind_error(member)
+    if kind_error:
+        return kind_error
     parts = member.name.split("/")
     key = parts[-1].removesuffix(".kv")
-    if not member.isfile() or len(parts) != 2 or not parts[-1].endswith(".kv") or not _KEY.match(key) \
-            or parts[0] != key[:2]:
+    if len(parts) != 2 or not parts[-1].endswith(".kv") or not _KEY.match(key) or parts[0] != key[:2]:
         return "not a chunk file name (<xx>/<32 hex>.kv)"
     if chunk_path(root, key).exists():
         return "exists"
-    blob = tar.extractfile(member).read()
     try:
-        decode_chunk(io.BytesIO(blob).getbuffer(), key=key)
-    except CorruptChunk as e:
+        blob = read_chunk(tar.extractfile(member), member.size)[1]  # bounded by the header's raw size
+        decode_chunk(blob, key=key)
+    except CorruptChunk as e:  # decode_chunk raises nothing else on any bytes
         return str(e)
-    return None if tier.write(key, blob) else "write failed"
+    except (OSError, tarfile.TarError) as e:  # a truncated or unreadable archive member
+        return f"unreadable member: {e}"
+    return None if tier.write(key, bytes(blob)) else "write failed"

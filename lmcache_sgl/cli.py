@@ -116,7 +116,7 @@ def cmd_import(args) -> int:
 def cmd_prepopulate(args) -> int:
     from .prepopulate import prepopulate  # needs transformers; imported only here
     r = prepopulate(args.model, args.input, args.cache_dir, chunk_size=args.chunk_size, kv_dtype=args.kv_dtype,
-                    resume=not args.no_resume, progress=_progress(not args.json, "prepopulating"))
+                    resume=not args.no_resume, model_id=args.model_id, progress=_progress(not args.json, "prepopulating"))
     _emit(args, r, f"{r.prompts} prompts: {r.chunks_written} chunks written, {r.chunks_present} already present, "
                    f"{r.skipped} skipped")
     return 0
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--max-size", type=parse_size, help="keep the most recently used entries that fit, e.g. 10GiB")
     p.add_argument("--older-than", type=parse_duration, help="remove entries idle longer, e.g. 7d")
-    p.add_argument("--model", help="remove entries of this model_name")
+    p.add_argument("--model", help="remove entries of this model (a model_name, or its part before '@')")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(fn=cmd_prune)
     p = sub.add_parser("export", help="write the cache to one tar archive")
@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=256, help="must equal the servers' chunk_size")
     p.add_argument("--kv-dtype", default="float32", help="KV dtype of the servers that will read it")
     p.add_argument("--no-resume", action="store_true", help="recompute prompts already in the cache")
+    p.add_argument("--model-id", help="the servers' model_id, if they set one (default: derived from --model)")
     p.set_defaults(fn=cmd_prepopulate)
     return ap
 

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import yaml
 
 ENV_PREFIX = "LMCACHE_"
+TOOL_ENV_PREFIX = "LMCACHE_SGL_"  # the project's own switches (shims, model cache), not config keys
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 GiB = 1 << 30
 
@@ -37,6 +38,9 @@ class ConfigError(ValueError):
 class CacheConfig:
     # Tokens per chunk; the unit of keys, storage and transfer (LMCache: chunk_size).
     chunk_size: int = 256
+    # The model's name in every key; None: the checkpoint directory's name plus a digest of its
+    # config and weights (lmcache_sgl/model_identity.py).
+    model_id: str | None = None
     # Keep a host (CPU RAM) tier (LMCache: local_cpu).
     local_cpu: bool = True
     # Host tier budget in GiB (LMCache: max_local_cpu_size).
@@ -47,8 +51,15 @@ class CacheConfig:
     max_local_disk_size: float = 20.0
     # Remote tier, e.g. "redis://127.0.0.1:6379"; None disables it (LMCache: remote_url).
     remote_url: str | None = None
+    # Connect and read timeout of each Redis call, ms: the longest an engine thread waits on a silent server.
+    remote_timeout_ms: int = 250
+    # Cap of the circuit breaker's back-off, s: after a failure, Redis is skipped (a miss) for a back-off
+    # that doubles from 0.5 s up to this cap, then probed once.
+    remote_backoff_max_s: float = 30.0
     # Eviction order of the host and disk tiers (LMCache: cache_policy).
     cache_policy: str = "LRU"
+    # Seconds between rescans of the disk directory's real content before trimming (0: rescan on every trim).
+    disk_rescan_interval_s: float = 30.0
     # Store the last, partial chunk of a prompt under its own key (LMCache: save_unfull_chunk).
     save_unfull_chunk: bool = False
     # Codec of disk and remote payloads.
@@ -72,6 +83,10 @@ class CacheConfig:
         _require(self.load_policy in LOAD_POLICIES, "load_policy", self.load_policy, f"one of {LOAD_POLICIES}")
         _require(self.max_pending_writes >= 1, "max_pending_writes", self.max_pending_writes, "an integer >= 1")
         _require(self.io_threads >= 1, "io_threads", self.io_threads, "an integer >= 1")
+        _require(self.remote_timeout_ms >= 1, "remote_timeout_ms", self.remote_timeout_ms, "an integer >= 1 (ms)")
+        _require(self.remote_backoff_max_s > 0, "remote_backoff_max_s", self.remote_backoff_max_s, "seconds > 0")
+        _require(self.disk_rescan_interval_s >= 0, "disk_rescan_interval_s", self.disk_rescan_interval_s,
+                 "seconds >= 0")
         _require(self.remote_url is None or self.remote_url.startswith("redis://"), "remote_url",
                  self.remote_url, "a URL of the form redis://host:port[/db]")
         if self.local_disk is not None and self.local_disk.startswith("file://"):
@@ -133,7 +148,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _read_env(environ: Mapping[str, str]) -> dict[str, str]:
     out = {}
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV:
+        # LMCACHE_SGL_* belong to the project's tools and shims, not to the config.
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV or name.startswith(TOOL_ENV_PREFIX):
             continue
         key = name[len(ENV_PREFIX):].lower()
         if key not in _FIELDS:

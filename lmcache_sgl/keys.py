@@ -27,7 +27,7 @@ from typing import NamedTuple, Sequence
 import msgpack
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model_name carries a weights digest (model_identity.py); v1 keys are orphaned
 _PREFIX_TAG = b"lmcsgl-prefix"
 _CONTENT_TAG = b"lmcsgl-content"
 

@@ -26,7 +26,9 @@ class Counters:
     put_chunks: int = 0
     puts_dropped: int = 0  # no room and the write queue full
     host_evictions: int = 0
-    writebacks: int = 0  # chunks written to disk/remote
+    writebacks: int = 0  # chunks written to disk/remote (successful writes only)
+    write_failures: int = 0  # failed write attempts; the chunk stays in memory for a retry
+    writes_abandoned: int = 0  # chunks given up after MAX_WRITE_ATTEMPTS failures (or no room to retry)
     raw_bytes_written: int = 0
     encoded_bytes_written: int = 0
     corrupt_chunks: int = 0  # failed verification: never served
@@ -42,6 +44,8 @@ class StoreStats:
     puts_dropped: int
     host_evictions: int
     writebacks: int
+    write_failures: int
+    writes_abandoned: int
     raw_bytes_written: int
     encoded_bytes_written: int
     corrupt_chunks: int
@@ -55,6 +59,7 @@ class StoreStats:
     disk_quarantined: int
     disk_write_errors: int
     remote_errors: int
+    remote_breaker_trips: int  # the remote tier stopped answering and was skipped for a back-off
     pending_writes: int
 
     @property

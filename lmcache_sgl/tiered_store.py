@@ -13,6 +13,12 @@ Contract (all methods thread-safe):
     every loaded chunk: a corrupt one is quarantined and is a miss.
   - ``flush`` writes everything down (pending writes and dirty host entries), so
     a new process on the same directory finds it. ``close`` flushes and stops.
+  - A failed write loses nothing silently: the chunk stays in memory (a dirty
+    host entry, or a pending write) and is retried by the next flush, eviction,
+    or put after a back-off, at most ``MAX_WRITE_ATTEMPTS`` times; then it is
+    counted in ``writes_abandoned``.
+  - ``borrow`` lends host slots; they stay pinned until the loan is released,
+    on CUDA not before the transfer reading them has completed.
 
 Index ranges of a prompt of n tokens with chunk size C:
   # [0, k*C)       chunks 0..k-1, the first k keys, looked up and loaded in order
@@ -36,17 +42,17 @@ from .cost_model import CostModel
 from .keys import token_bytes
 from .layout import ChunkLayout
 from .metrics import Counters, StoreStats, Tier
-from .storage.chunk_file import CorruptChunk, decode_chunk
+from .storage.chunk_file import CorruptChunk, decode_chunk, max_blob_bytes
 from .storage.disk_tier import DiskTier
-from .storage.host_tier import HostTier
+from .storage.host_tier import HostEntry, HostTier, Loan
 from .storage.remote_tier import RemoteTier
-from .write_back import PendingWrite, WriteBack
+from .write_back import MAX_WRITE_ATTEMPTS, PendingWrite, RetryQueue, WriteBack, WriteResult
 
 log = logging.getLogger(__name__)
 
 TokenIds = Sequence[int] | np.ndarray
 
-__all__ = ["Tier", "LookupResult", "TieredStore"]
+__all__ = ["Tier", "Loan", "LookupResult", "TieredStore"]
 
 
 def _copy_out(src: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
@@ -78,11 +84,13 @@ class TieredStore:
         self._counters = Counters()
         self.cost = CostModel(config.load_policy)
         self._pending: dict[str, PendingWrite] = {}  # queued for write-back, still servable
+        self._retry = RetryQueue(config.max_pending_writes)  # failed, not queued; a subset of _pending
         self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="lmcache-sgl-io")
         self._host = HostTier(config.host_bytes, layout.chunk_bytes, config.cache_policy) \
             if config.host_bytes >= layout.chunk_bytes else None
         self._disk = self._open_disk(config)
-        self._remote = RemoteTier(config.remote_url) if config.remote_url else None
+        self._remote = RemoteTier(config.remote_url, config.remote_timeout_ms / 1000,
+                                  config.remote_backoff_max_s) if config.remote_url else None
         sinks = [s for s in (self._disk, self._remote) if s is not None]
         self._writer = WriteBack(sinks, self._fingerprint, config.disk_codec, config.byte_shuffle,
                                  config.max_pending_writes, self._pool, self._write_done) if sinks else None
@@ -92,7 +100,8 @@ class TieredStore:
         if not config.local_disk:
             return None
         try:
-            return DiskTier(config.local_disk, config.disk_bytes, config.cache_policy)
+            return DiskTier(config.local_disk, config.disk_bytes, config.cache_policy,
+                            rescan_interval_s=config.disk_rescan_interval_s)
         except OSError as e:  # unreadable or unwritable directory: serve without it
             log.error("disk tier disabled: cannot use local_disk=%r: %s", config.local_disk, e)
             return None
@@ -114,6 +123,7 @@ class TieredStore:
                 self._counters.put_chunks += 1
             else:
                 self._counters.puts_dropped += 1
+            self._resubmit_retries_locked()  # after the put, so retries never take its queue slot
             return stored
 
     def _put_locked(self, key: str, tok: bytes, kv: torch.Tensor, start_pos: int) -> bool:
@@ -147,42 +157,77 @@ class TieredStore:
                 return False  # every entry is pinned
             key, entry = victims[0]
             if entry.dirty:
-                job = PendingWrite(key, self._host.view(entry).clone(), entry.token_ids, entry.start_pos)
+                job = PendingWrite(key, self._host.view(entry).clone(), entry.token_ids, entry.start_pos,
+                                   entry.write_failures)
                 if not self._queue_locked(job):
                     return False
             self._host.remove(key)
             self._counters.host_evictions += 1
         return True
 
-    def _write_done(self, job: PendingWrite, raw: int, encoded: int) -> None:
+    def _write_done(self, job: PendingWrite, result: WriteResult) -> None:
         with self._lock:
-            if self._pending.get(job.key) is job:
+            self._record_write_locked(result)
+            if self._pending.get(job.key) is not job:
+                return  # removed meanwhile
+            retry = None if result.ok else self._retry.keep(job)
+            if retry is not None:
+                self._pending[job.key] = retry  # still served from memory meanwhile
+            else:
                 del self._pending[job.key]
-            self._record_write_locked(raw, encoded)
+                if not result.ok:
+                    self._abandon_locked(job.key, job.failures + 1)
 
-    def _record_write_locked(self, raw: int, encoded: int) -> None:
-        if encoded:
-            self._counters.writebacks += 1
-            self._counters.raw_bytes_written += raw
-            self._counters.encoded_bytes_written += encoded
+    def _resubmit_retries_locked(self) -> None:
+        for job in self._retry.due():
+            if not self._writer.submit(job):
+                return
+            self._retry.pop(job.key)
+
+    def _abandon_locked(self, key: str, failures: int) -> None:
+        self._counters.writes_abandoned += 1
+        log.error("chunk %s: giving up its write-back after %d failed writes", key, failures)
+
+    def _record_write_locked(self, result: WriteResult) -> None:
+        if not result.ok:
+            self._counters.write_failures += 1
+            return
+        self._counters.writebacks += 1
+        self._counters.raw_bytes_written += result.raw
+        self._counters.encoded_bytes_written += result.encoded
 
     # ---- lookup / get ------------------------------------------------------
 
     def contains(self, key: str) -> Tier | None:
+        return self._tiers_of([key])[0]
+
+    def _local_tier(self, key: str) -> Tier | None:
         with self._lock:
             if key in self._pending or (self._host is not None and key in self._host):
                 return Tier.HOST
         if self._disk is not None and self._disk.contains(key):
             return Tier.DISK
-        if self._remote is not None and self._remote.contains(key):
-            return Tier.REMOTE
         return None
+
+    def _tiers_of(self, keys: Sequence[str]) -> list[Tier | None]:
+        """The tier of each key, up to and including the first miss; at most one remote round trip."""
+        tiers: list[Tier | None] = []
+        remote: list[bool] | None = None  # for keys[first local miss:], asked once
+        for i, key in enumerate(keys):
+            tier = self._local_tier(key)
+            if tier is None and self._remote is not None:
+                if remote is None:
+                    remote = [False] * i + self._remote.contains_many(keys[i:])
+                tier = Tier.REMOTE if remote[i] else None
+            tiers.append(tier)
+            if tier is None:
+                break
+        return tiers
 
     def lookup(self, keys: Sequence[str]) -> LookupResult:
         """Leading keys present and worth loading (``load_policy``), with their tiers."""
         tiers, cut = [], False
-        for key in keys:
-            tier = self.contains(key)
+        for tier in self._tiers_of(keys):
             if tier is None:
                 break
             if not self.cost.worth_loading(tier, self.layout.chunk_bytes, self.layout.chunk_size):
@@ -253,11 +298,13 @@ class TieredStore:
     def _load_lower(self, tier: Tier, backend: DiskTier | RemoteTier, key: str,
                     tok: bytes | None) -> torch.Tensor | None:
         start = time.perf_counter()
-        blob = backend.read(key)
-        if blob is None:
-            return None
+        raw_cap = self.layout.chunk_bytes  # a planted file may claim more; it is refused before decoding
         try:
-            header, kv = decode_chunk(blob, key=key, token_ids=tok, fingerprint=self._fingerprint, pool=self._pool)
+            blob = backend.read(key, max_bytes=max_blob_bytes(raw_cap))
+            if blob is None:
+                return None
+            header, kv = decode_chunk(blob, key=key, token_ids=tok, fingerprint=self._fingerprint, pool=self._pool,
+                                      max_raw_len=raw_cap)
             self._check_chunk(kv, header.num_tokens)
             self.cost.record_load(tier, header.raw_len, time.perf_counter() - start)
         except (CorruptChunk, ValueError) as e:
@@ -277,35 +324,46 @@ class TieredStore:
 
     @contextmanager
     def borrow(self, keys: Sequence[str], token_ids_per_key: Sequence[TokenIds] | None = None):
-        """Yield the leading chunks as views of their host slots, without copying.
+        """Yield a ``Loan`` of the leading chunks: views of their host slots, not copies.
 
-        The entries are pinned (never evicted or overwritten) until the block
-        exits; on CUDA the slots are pinned memory, which the scatter kernel
-        reads zero-copy. Disk and remote hits are promoted into the host tier
-        first. A chunk that cannot get a host slot (all pinned, or no host
-        tier) is yielded as a private copy instead; check ``is_pinned()``.
+        The entries stay pinned (never evicted or overwritten) until the loan is
+        released. Call ``loan.release(after=handle)`` with the event or
+        ``TransferHandle`` of the copies reading the views: the pins drop when
+        it completes. Without it, the block's exit releases the loan: at once on
+        CPU; on CUDA (pinned slots, read zero-copy by the scatter kernel) after
+        the work queued so far on the current stream. Disk and remote hits are
+        promoted into the host tier first. A chunk that cannot get a host slot
+        (all pinned, or no host tier) is lent as a private copy instead.
         """
         views: list[torch.Tensor] = []
-        pinned: list[str] = []
+        entries: list[HostEntry] = []
+        loan = Loan(views, lambda after: self._end_loan(entries, after))
         try:
             for i, key in enumerate(keys):
                 tok = token_bytes(token_ids_per_key[i]) if token_ids_per_key is not None else None
-                view = self._pin_host(key, tok, count_hit=True)
+                view = self._lend_one(key, tok, entries)
                 if view is None:
-                    loaded = self._get_one(key, tok, None)  # counts the hit; promotes when it can
-                    if loaded is None:
-                        break
-                    view = self._pin_host(key, tok, count_hit=False)
-                    if view is None:
-                        views.append(loaded)  # no host slot for it: a private copy
-                        continue
-                pinned.append(key)
+                    break
                 views.append(view)
-            yield views
+            yield loan
         finally:
-            self.unpin(pinned)
+            if not loan.released:
+                loan.release(after=self._stream_event())
 
-    def _pin_host(self, key: str, tok: bytes | None, count_hit: bool) -> torch.Tensor | None:
+    def _lend_one(self, key: str, tok: bytes | None, entries: list[HostEntry]) -> torch.Tensor | None:
+        """A pinned view of the chunk's host slot (its entry appended to ``entries``), a copy, or None."""
+        entry = self._pin_host(key, tok, count_hit=True)
+        if entry is None:
+            loaded = self._get_one(key, tok, None)  # counts the hit; promotes when it can
+            if loaded is None:
+                return None
+            entry = self._pin_host(key, tok, count_hit=False)
+            if entry is None:
+                return loaded  # no host slot for it: a private copy
+        entries.append(entry)
+        return self._host.view(entry)  # safe outside the lock: the entry is pinned
+
+    def _pin_host(self, key: str, tok: bytes | None, count_hit: bool) -> HostEntry | None:
         with self._lock:
             entry = self._host.entry(key) if self._host is not None else None
             if entry is None or (tok is not None and entry.token_ids != tok):
@@ -313,7 +371,18 @@ class TieredStore:
             entry.refs += 1
             self._host.touch(key)
             self._counters.hit_chunks[Tier.HOST.value] += count_hit
-            return self._host.view(entry)
+            return entry
+
+    def _stream_event(self) -> torch.cuda.Event | None:
+        """On pinned (CUDA) slots, an event after the work queued so far on the current stream."""
+        if self._host is None or not self._host.pinned:
+            return None
+        return torch.cuda.current_stream().record_event()
+
+    def _end_loan(self, entries: list[HostEntry], after: object | None) -> None:
+        with self._lock:
+            if self._host is not None:
+                self._host.unpin_after(entries, after)
 
     # ---- pinning, removal, lifecycle --------------------------------------
 
@@ -337,7 +406,10 @@ class TieredStore:
         """Remove a chunk from every tier (a pinned host copy stays until unpinned)."""
         self.flush_pending()
         with self._lock:
+            self._pending.pop(key, None)
+            self._retry.pop(key)
             if self._host is not None:
+                self._host.reap()
                 self._host.remove(key)
         for backend in (self._disk, self._remote):
             if backend is not None:
@@ -346,7 +418,10 @@ class TieredStore:
     def clear(self) -> None:
         self.flush_pending()
         with self._lock:
+            self._pending.clear()
+            self._retry.clear()
             if self._host is not None:
+                self._host.reap()
                 for key in self._host.keys():
                     self._host.remove(key)
         for backend in (self._disk, self._remote):
@@ -359,24 +434,59 @@ class TieredStore:
             self._writer.drain()
 
     def flush(self) -> None:
-        """Write all pending and dirty host chunks down, so another process finds them."""
+        """Write all pending and dirty host chunks down, so another process finds them.
+
+        A chunk whose write fails stays in memory (dirty) for the next retry.
+        """
         self.flush_pending()
-        if self._writer is None or self._host is None:
+        if self._writer is None:
+            return
+        with self._lock:
+            retries = self._retry.take_all()
+        for job in retries:
+            self._write_done(job, self._writer.write_now(job))
+        if self._host is None:
             return
         with self._lock:
             dirty = [(k, e) for k in self._host.keys() if (e := self._host.entry(k)).dirty]
             for _, e in dirty:
-                e.refs += 1
+                e.refs += 1  # flush writes the slot outside the lock: no eviction meanwhile
         for key, entry in dirty:
-            job = PendingWrite(key, self._host.view(entry), entry.token_ids, entry.start_pos)
-            raw, encoded = self._writer.write_now(job)
+            self._write_dirty_entry(key, entry)
+
+    def _write_dirty_entry(self, key: str, entry: HostEntry) -> None:
+        """Write one pinned dirty entry and drop flush's pin, whatever the write does."""
+        result = WriteResult(False, 0, 0)
+        try:
+            result = self._writer.write_now(PendingWrite(key, self._host.view(entry), entry.token_ids,
+                                                         entry.start_pos))
+        finally:
             with self._lock:
                 entry.refs -= 1
-                entry.dirty = False
-                self._record_write_locked(raw, encoded)
+                self._record_write_locked(result)
+                self._settle_dirty_locked(key, entry, result.ok)
+
+    def _settle_dirty_locked(self, key: str, entry: HostEntry, written: bool) -> None:
+        if written:
+            entry.dirty = False
+            return
+        entry.write_failures += 1
+        if entry.write_failures >= MAX_WRITE_ATTEMPTS:
+            entry.dirty = False  # given up: the next eviction drops it, knowingly
+            self._abandon_locked(key, entry.write_failures)
 
     def close(self) -> None:
         self.flush()
+        with self._lock:
+            if self._host is not None:
+                self._host.wait_for_loans()  # no transfer may read the slots once they are freed
+                unwritten = sum(self._host.entry(k).dirty for k in self._host.keys())
+            else:
+                unwritten = 0
+            unwritten += len(self._retry)
+            if unwritten:
+                self._counters.writes_abandoned += unwritten
+                log.error("closing with %d chunks that could not be written down; they are lost", unwritten)
         if self._writer is not None:
             self._writer.close()
         if self._remote is not None:
@@ -395,7 +505,8 @@ class TieredStore:
             return StoreStats(
                 lookups=c.lookups, hit_chunks=dict(c.hit_chunks), miss_chunks=c.miss_chunks,
                 put_chunks=c.put_chunks, puts_dropped=c.puts_dropped, host_evictions=c.host_evictions,
-                writebacks=c.writebacks, raw_bytes_written=c.raw_bytes_written,
+                writebacks=c.writebacks, write_failures=c.write_failures, writes_abandoned=c.writes_abandoned,
+                raw_bytes_written=c.raw_bytes_written,
                 encoded_bytes_written=c.encoded_bytes_written, corrupt_chunks=c.corrupt_chunks,
                 cut_by_cost=c.cut_by_cost,
                 host_entries=len(host) if host is not None else 0,
@@ -407,4 +518,5 @@ class TieredStore:
                 disk_quarantined=disk.quarantined if disk is not None else 0,
                 disk_write_errors=disk.write_errors if disk is not None else 0,
                 remote_errors=remote.errors if remote is not None else 0,
+                remote_breaker_trips=remote.breaker_trips if remote is not None else 0,
                 pending_writes=len(self._pending))

@@ -31,30 +31,65 @@ class Encoded(NamedTuple):
     block_sizes: list[int]  # compressed length of each frame, in order
 
 
+# Frame bounds (tests check them on random data): an LZ4 frame of n bytes is
+# n + 15 header + 4 per 64 KiB block + 4 end mark (n + 83 at 1 MiB); a zstd
+# frame stays under ZSTD_compressBound, about n + n/256 (n + 34 at 1 MiB here).
+# Both fit n + n/64 + 1 KiB with room to spare; a "none" frame is exactly n.
+_FRAME_SLACK = 1024
+_DECODE_ERRORS = (RuntimeError, ValueError, zstandard.ZstdError)  # lz4 raises RuntimeError
+
+
 def _lz4_compress(block: bytes) -> bytes:
     return lz4.frame.compress(block, compression_level=0, store_size=True)
 
 
-def _lz4_decompress(frame: bytes) -> bytes:
-    return lz4.frame.decompress(frame)
+def _lz4_decompress(frame: memoryview, size: int) -> bytes:
+    """Exactly ``size`` bytes from one frame, never holding more than ``size + 1``."""
+    dec = lz4.frame.LZ4FrameDecompressor()
+    out = dec.decompress(frame, max_length=size + 1)
+    if len(out) != size or not dec.eof or dec.unused_data:
+        raise ValueError(f"an lz4 frame does not hold exactly its block's {size} bytes")
+    return out
 
 
 def _zstd_compress(block: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(block)
 
 
-def _zstd_decompress(frame: bytes) -> bytes:
-    return zstandard.ZstdDecompressor().decompress(frame)
+def _zstd_decompress(frame: memoryview, size: int) -> bytes:
+    """Exactly ``size`` bytes from one frame, read through a bounded stream: a one-shot
+    decompress trusts the frame's declared content size and allocates it."""
+    declared = zstandard.frame_content_size(frame)
+    if declared not in (-1, size):
+        raise ValueError(f"a zstd frame declares {declared} bytes, its block holds {size}")
+    dctx = zstandard.ZstdDecompressor(max_window_size=BLOCK_BYTES)
+    parts, got = [], 0
+    with dctx.stream_reader(frame, read_across_frames=False) as reader:
+        while got <= size:
+            part = reader.read(size + 1 - got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+    if got != size:
+        raise ValueError(f"a zstd frame decodes to {got}{'+' if got > size else ''} bytes, its block holds {size}")
+    return b"".join(parts)
 
 
-def _identity(block: bytes) -> bytes:
+def _compress_none(block: bytes) -> bytes:
     return bytes(block)  # a frame of the "none" codec is the block itself
 
 
-_CODECS: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]] = {
+def _decompress_none(frame: memoryview, size: int) -> memoryview:
+    if len(frame) != size:
+        raise ValueError(f"a stored frame is {len(frame)} bytes, its block holds {size}")
+    return frame
+
+
+_CODECS: dict[str, tuple[Callable[[bytes], bytes], Callable[[memoryview, int], bytes | memoryview]]] = {
     "lz4": (_lz4_compress, _lz4_decompress),
     "zstd": (_zstd_compress, _zstd_decompress),
-    "none": (_identity, _identity),
+    "none": (_compress_none, _decompress_none),
 }
 
 
@@ -62,7 +97,7 @@ def codec_names() -> tuple[str, ...]:
     return tuple(_CODECS)
 
 
-def _codec(name: str) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+def _codec(name: str) -> tuple[Callable[[bytes], bytes], Callable[[memoryview, int], bytes | memoryview]]:
     try:
         return _CODECS[name]
     except KeyError:
@@ -110,24 +145,64 @@ def encode(raw: np.ndarray, codec: str, shuffle_itemsize: int, pool: Executor | 
     return Encoded(b"".join(frames), [len(f) for f in frames])
 
 
+def block_lengths(raw_len: int) -> list[int]:
+    """Raw bytes of each block: full ``BLOCK_BYTES`` blocks, then the rest; [0] when empty."""
+    full, rest = divmod(raw_len, BLOCK_BYTES)
+    return [BLOCK_BYTES] * full + ([rest] if rest or not full else [])
+
+
+def max_frame_bytes(codec: str, block_len: int) -> int:
+    """The longest frame ``codec`` writes for a block of ``block_len`` bytes."""
+    _codec(codec)
+    return block_len if codec == "none" else block_len + block_len // 64 + _FRAME_SLACK
+
+
+def max_payload_bytes(raw_len: int) -> int:
+    """The longest payload any codec writes for ``raw_len`` bytes."""
+    full, rest = divmod(raw_len, BLOCK_BYTES)
+    return full * max_frame_bytes("lz4", BLOCK_BYTES) + max_frame_bytes("lz4", rest)
+
+
+def check_frames(block_sizes: list[int], raw_len: int, codec: str) -> None:
+    """Raises ValueError unless ``block_sizes`` can be ``codec``'s frames of ``raw_len`` bytes:
+    one frame per block, each within its block's bound. Costs no decompression."""
+    expected = block_lengths(raw_len)
+    if len(block_sizes) != len(expected):
+        raise ValueError(f"{len(block_sizes)} frames for {raw_len} bytes; the layout has {len(expected)} blocks")
+    for i, (size, block_len) in enumerate(zip(block_sizes, expected)):
+        bound = max_frame_bytes(codec, block_len)
+        if not 0 <= size <= bound:
+            raise ValueError(f"frame {i} is {size} bytes; the bound for a {block_len} byte {codec} block is {bound}")
+
+
 def decode(data: bytes | memoryview, block_sizes: list[int], raw_len: int, codec: str,
            shuffle_itemsize: int, pool: Executor | None = None) -> np.ndarray:
-    """Inverse of ``encode``: a flat uint8 array of ``raw_len`` bytes.
+    """Inverse of ``encode``: a fresh, writable flat uint8 array of ``raw_len`` bytes.
 
     Raises ValueError when the frames do not decode to exactly ``raw_len`` bytes.
+    Memory stays within the output, one block per thread and the unshuffle copy,
+    whatever the frames claim: each frame is decompressed into its block's slot,
+    with at most one byte beyond the block read to detect an overlong frame.
     """
     _, decompress = _codec(codec)
+    if shuffle_itemsize < 1 or raw_len % shuffle_itemsize:
+        raise ValueError(f"shuffle of {shuffle_itemsize} bytes does not divide {raw_len} bytes")
+    check_frames(block_sizes, raw_len, codec)
     view = memoryview(data)
     if sum(block_sizes) != len(view):
         raise ValueError(f"payload is {len(view)} bytes, frames claim {sum(block_sizes)}")
-    frames, offset = [], 0
-    for size in block_sizes:
-        frames.append(view[offset:offset + size])
-        offset += size
+    out = np.empty(raw_len, np.uint8)  # [raw_len], block i at [i*BLOCK_BYTES, +block_len)
+    jobs, src = [], 0
+    for i, (size, block_len) in enumerate(zip(block_sizes, block_lengths(raw_len))):
+        jobs.append((view[src:src + size], out[i * BLOCK_BYTES:i * BLOCK_BYTES + block_len]))
+        src += size
+
+    def run(job: tuple[memoryview, np.ndarray]) -> None:
+        frame, dst = job
+        dst[:] = np.frombuffer(decompress(frame, dst.size), np.uint8)
+
     try:
-        out = b"".join(_map(pool, decompress, frames))
-    except (RuntimeError, zstandard.ZstdError) as e:  # lz4 raises RuntimeError on a bad frame
+        _map(pool, run, jobs)
+    except _DECODE_ERRORS as e:
         raise ValueError(f"payload does not decompress: {e}") from e
-    if len(out) != raw_len:
-        raise ValueError(f"payload decodes to {len(out)} bytes, header says {raw_len}")
-    return unshuffle(np.frombuffer(out, np.uint8), shuffle_itemsize)
+    return unshuffle(out, shuffle_itemsize)

@@ -7,30 +7,49 @@
   modification first, so a restarted process reuses the cache and keeps an
   approximate LRU order: a read hit refreshes the file's mtime.
 - A file another process wrote after our scan is found on lookup (``exists``).
-  A file another process evicted is a plain miss.
-- The size budget counts the files this process knows; eviction removes the
-  coldest. Processes sharing a directory each enforce it on their own view.
+  A file another process evicted or removed is a plain miss, never an error.
+- The budget is the directory's: every process keeps one count of the chunk
+  bytes in ``<root>/.usage.lock`` (8 bytes, little endian), changed only under
+  ``flock`` on that file. A write renames its file into place, then takes the
+  lock, adds its size and evicts the coldest files until the count fits. So
+  between a rename and its trim the directory holds at most one extra chunk
+  per writing process; after every trim, it fits the budget.
+- Victims come from this process's index, coldest first. Before trimming, when
+  the last rescan is older than ``rescan_interval_s``, the index and the count
+  are rebuilt from the directory itself (oldest mtime first, the one order all
+  processes share; LFU counts restart). That brings in other processes' files
+  and forgets files removed behind the count's back (``prune``, ``rm``, a
+  crash). Opening a directory rescans it and trims it to the budget at once.
 - Bad files are moved to ``<root>/quarantine/`` and are never served.
 
 Thread-safe: an internal lock guards the index; file I/O runs outside it.
+Lock order: ``_dir_lock`` (this process's side of the flock), the flock, ``_lock``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import math
 import os
+import struct
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
+from .chunk_file import CorruptChunk
 from .eviction import make_policy
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".kv"
 QUARANTINE = "quarantine"
+USAGE_FILE = ".usage.lock"  # flock'ed by every writer; holds the directory's chunk bytes
+_USAGE = struct.Struct("<q")
 _STALE_TMP_SECONDS = 3600
 
 
@@ -50,7 +69,11 @@ def iter_chunk_files(root: Path) -> Iterator[ChunkFile]:
     for sub in root.iterdir():
         if not sub.is_dir() or sub.name == QUARANTINE or len(sub.name) != 2:
             continue
-        for f in sub.iterdir():
+        try:
+            entries = list(sub.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # removed by another process meanwhile
+        for f in entries:
             try:
                 st = f.stat()
             except FileNotFoundError:
@@ -61,37 +84,129 @@ def iter_chunk_files(root: Path) -> Iterator[ChunkFile]:
                 f.unlink(missing_ok=True)
 
 
+def _read_usage(fd: int) -> int | None:
+    """The directory's chunk bytes from the usage file; None when missing or garbled."""
+    raw = os.pread(fd, _USAGE.size, 0)
+    if len(raw) != _USAGE.size:
+        return None
+    (total,) = _USAGE.unpack(raw)
+    return total if total >= 0 else None
+
+
 class DiskTier:
-    def __init__(self, root: str | os.PathLike, budget_bytes: int, policy: str) -> None:
+    def __init__(self, root: str | os.PathLike, budget_bytes: int, policy: str,
+                 rescan_interval_s: float = 30.0) -> None:
+        if rescan_interval_s < 0:
+            raise ValueError(f"rescan_interval_s={rescan_interval_s!r} is invalid; allowed: seconds >= 0")
         self.root = Path(root)
         self.budget_bytes = budget_bytes
+        self.rescan_interval_s = rescan_interval_s
         self._lock = threading.Lock()
-        self._sizes: dict[str, int] = {}
+        self._dir_lock = threading.Lock()  # flock excludes processes, not the threads of one
+        self._sizes: dict[str, int] = {}  # the files this process knows; a subset of the directory
+        self._policy_name = policy
         self._policy = make_policy(policy)
-        self.used_bytes = 0
+        self._last_rescan = -math.inf
+        self.used_bytes = 0  # the directory's chunk bytes (all processes), as of the last count
         self.quarantined = 0
         self.evictions = 0
         self.write_errors = 0
         self.root.mkdir(parents=True, exist_ok=True)  # OSError here: the caller disables the tier
-        self._scan()
+        with self._directory() as fd:
+            self._trim_locked(fd, self._rescan_locked(), rescanned=True)
+        log.info("disk tier %s: %d chunks, %.1f MiB", self.root, len(self._sizes), self.used_bytes / 2**20)
 
     def path(self, key: str) -> Path:
         return chunk_path(self.root, key)
 
-    def _scan(self) -> None:
-        for f in sorted(iter_chunk_files(self.root), key=lambda f: f.mtime):
-            self._add(f.key, f.size)
-        log.info("disk tier %s: %d chunks, %.1f MiB", self.root, len(self._sizes), self.used_bytes / 2**20)
+    @contextmanager
+    def _directory(self) -> Iterator[int]:
+        """Hold the directory's lock, shared with every process; yields the usage file's descriptor."""
+        with self._dir_lock:
+            fd = os.open(self.root / USAGE_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield fd
+            finally:
+                os.close(fd)  # releases the flock
+
+    def _rescan_locked(self) -> int:
+        """Rebuild the index from the directory, oldest mtime first. Returns the directory's bytes."""
+        files = sorted(iter_chunk_files(self.root), key=lambda f: f.mtime)
+        policy = make_policy(self._policy_name)
+        sizes = {}
+        for f in files:
+            sizes[f.key] = f.size
+            policy.add(f.key)
+        with self._lock:
+            self._sizes, self._policy = sizes, policy
+        self._last_rescan = time.monotonic()
+        return sum(sizes.values())
+
+    def _set_usage_locked(self, fd: int, total: int) -> None:
+        os.pwrite(fd, _USAGE.pack(max(total, 0)), 0)
+        with self._lock:
+            self.used_bytes = max(total, 0)
+
+    def _add_usage_locked(self, fd: int, delta: int) -> int:
+        """The count plus ``delta``; a rescan when the usage file is missing or garbled."""
+        total = _read_usage(fd)
+        return self._rescan_locked() if total is None else total + delta
+
+    def _trim_locked(self, fd: int, total: int, rescanned: bool = False) -> None:
+        """Evict the coldest files until the directory's ``total`` bytes fit; records the count."""
+        if total > self.budget_bytes and not rescanned \
+                and time.monotonic() - self._last_rescan >= self.rescan_interval_s:
+            total, rescanned = self._rescan_locked(), True
+        while total > self.budget_bytes:
+            victim = self._pop_coldest()
+            if victim is None:
+                if rescanned:
+                    break  # nothing left to evict
+                total, rescanned = self._rescan_locked(), True
+                continue
+            freed = _unlink(self.path(victim))  # 0: gone already, and counted by whoever removed it
+            total -= freed
+            if freed:
+                with self._lock:
+                    self.evictions += 1
+        self._set_usage_locked(fd, total)
+
+    def _pop_coldest(self) -> str | None:
+        with self._lock:
+            key = next(iter(self._policy.coldest()), None)
+            if key is not None:
+                self._forget(key)
+            return key
+
+    def _account_write(self, key: str, size: int) -> None:
+        """A file of ``size`` bytes was just renamed into place: count it and trim."""
+        with self._lock:
+            replaced = self._sizes.get(key, 0)  # 0 also when it replaced another process's file: over-counts
+            self._add(key, size)
+        try:
+            with self._directory() as fd:
+                self._trim_locked(fd, self._add_usage_locked(fd, size - replaced))
+        except OSError as e:  # the file is stored; a later trim or rescan counts it
+            log.warning("disk tier %s: cannot update the usage count: %s", self.root, e)
+
+    def _free(self, remove_file: Callable[[], int]) -> None:
+        """Run ``remove_file`` (idempotent; returns the bytes it freed) and uncount what it freed."""
+        try:
+            with self._directory() as fd:
+                freed = remove_file()
+                self._set_usage_locked(fd, self._add_usage_locked(fd, -freed))
+                return
+        except OSError as e:
+            log.warning("disk tier %s: cannot update the usage count (%s); the next rescan corrects it", self.root, e)
+        remove_file()
 
     def _add(self, key: str, size: int) -> None:
-        self.used_bytes += size - self._sizes.get(key, 0)
         self._sizes[key] = size
         self._policy.add(key)
 
     def _forget(self, key: str) -> None:
-        size = self._sizes.pop(key, None)
-        if size is not None:
-            self.used_bytes -= size
+        if self._sizes.pop(key, None) is not None:
             self._policy.remove(key)
 
     def __len__(self) -> int:
@@ -127,35 +242,28 @@ class DiskTier:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. NotADirectoryError: a file sits where final.parent belongs
+                tmp.unlink(missing_ok=True)
             with self._lock:
                 self.write_errors += 1
             log.warning("disk tier: cannot write %s: %s", final, e)
             return False
-        with self._lock:
-            self._add(key, len(blob))
-            victims = self._over_budget()
-        for victim in victims:
-            self.path(victim).unlink(missing_ok=True)
+        self._account_write(key, len(blob))
         return True
 
-    def _over_budget(self) -> list[str]:
-        victims, excess = [], self.used_bytes - self.budget_bytes
-        for key in self._policy.coldest():
-            if excess <= 0:
-                break
-            victims.append(key)
-            excess -= self._sizes[key]
-        for key in victims:
-            self._forget(key)
-        self.evictions += len(victims)
-        return victims
+    def read(self, key: str, max_bytes: int | None = None) -> bytes | None:
+        """The blob, or None when the file is gone or unreadable.
 
-    def read(self, key: str) -> bytes | None:
-        """The blob, or None when the file is gone or unreadable."""
+        Raises ``CorruptChunk`` for a file longer than ``max_bytes`` (nothing
+        valid is that long), without reading it.
+        """
         path = self.path(key)
         try:
-            blob = path.read_bytes()
+            with path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if max_bytes is not None and size > max_bytes:
+                    raise CorruptChunk(f"file is {size} bytes, more than any chunk of this layout ({max_bytes})")
+                blob = f.read()
             os.utime(path)  # LRU order survives restarts
         except FileNotFoundError:
             with self._lock:
@@ -172,24 +280,43 @@ class DiskTier:
         """Move a bad file out of the cache so it is never read again."""
         path = self.path(key)
         dest = self.root / QUARANTINE / f"{key}.{os.getpid()}.{time.time_ns()}{SUFFIX}"
-        try:
-            dest.parent.mkdir(exist_ok=True)
-            os.replace(path, dest)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("disk tier: cannot quarantine %s (%s); deleting it", path, e)
-            path.unlink(missing_ok=True)
         with self._lock:
             self._forget(key)
             self.quarantined += 1
+
+        def move_out() -> int:
+            try:
+                size = path.stat().st_size
+                dest.parent.mkdir(exist_ok=True)
+                os.replace(path, dest)
+                return size
+            except FileNotFoundError:
+                return 0
+            except OSError as e:
+                log.warning("disk tier: cannot quarantine %s (%s); deleting it", path, e)
+                return _unlink(path)
+
+        self._free(move_out)
         log.warning("disk tier: quarantined %s: %s", path.name, reason)
 
     def remove(self, key: str) -> None:
         with self._lock:
             self._forget(key)
-        self.path(key).unlink(missing_ok=True)
+        self._free(lambda: _unlink(self.path(key)))
 
     def clear(self) -> None:
         for key in self.keys():
             self.remove(key)
+
+
+def _unlink(path: Path) -> int:
+    """Remove a file; the bytes freed, 0 when it was gone already or cannot be removed."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        log.warning("disk tier: cannot remove %s: %s", path, e)
+        return 0
+    return size

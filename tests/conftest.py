@@ -1,6 +1,16 @@
-"""Shared fixtures: a small model fingerprint, its chunk layout, random chunks."""
+"""Shared fixtures: a small model fingerprint, its chunk layout, random chunks.
+
+Also ``require`` / ``require_binary`` (and the ``requires_binary(name)`` mark for
+single tests): a test's dependencies. Locally a missing one skips; under
+``CI=true`` it is an error, so a broken venv can never give a green run.
+"""
 
 from __future__ import annotations
+
+import importlib
+import os
+import shutil
+from types import ModuleType
 
 import pytest
 import torch
@@ -8,6 +18,44 @@ import torch
 from lmcache_sgl import CacheConfig, ChunkLayout, ModelFingerprint, prefix_keys
 
 CHUNK = 16
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def require(module: str, reason: str | None = None) -> ModuleType:
+    """Import ``module`` for a test module: skip without it, but fail under CI=true."""
+    if not in_ci():
+        return pytest.importorskip(module, reason=reason)
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        pytest.fail(f"CI=true and the test dependency {module!r} cannot be imported: {e}", pytrace=False)
+
+
+def require_binary(name: str) -> str:
+    """The path of executable ``name`` on PATH: skip the module without it, but fail under CI=true."""
+    path = shutil.which(name)
+    if path is None:
+        _missing(f"{name!r} is not on PATH")
+    return path
+
+
+def _missing(what: str) -> None:
+    if in_ci():
+        pytest.fail(f"CI=true and the test dependency {what}", pytrace=False)
+    pytest.skip(what, allow_module_level=True)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "requires_binary(name): needs executable `name` on PATH; "
+                                       "skipped without it, failed under CI=true")
+
+
+def pytest_runtest_setup(item) -> None:
+    for mark in item.iter_markers("requires_binary"):
+        require_binary(mark.args[0])
 
 
 @pytest.fixture

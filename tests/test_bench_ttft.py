@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("transformers")
+from conftest import require
+
+require("transformers")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_ttft.py"
 PREFIXES, SUFFIX, CHUNK = (128, 256), 16, 32

@@ -77,3 +77,39 @@ def test_wrong_identity_is_rejected():
 def test_unknown_codec_names_the_allowed():
     with pytest.raises(ValueError, match="allowed"):
         encode_chunk("k", FP, TOK, _kv(torch.bfloat16), codec="brotli", byte_shuffle=True)
+
+
+@pytest.mark.parametrize("name", ["lz4", "zstd", "none"])
+def test_empty_chunk_round_trips(name):
+    kv = _kv(torch.bfloat16, shape=(2, 2, 0, 2, 16))
+    blob = encode_chunk("k", FP, b"", kv, codec=name, byte_shuffle=True)
+    header, out = decode_chunk(blob, key="k")
+    assert header.raw_len == 0 and header.block_sizes == (len(blob) - read_header(blob)[1],)
+    assert out.shape == kv.shape and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_decoded_tensor_owns_its_memory(shuffle):
+    """The tensor is a writable copy: changing the blob afterwards never changes served KV."""
+    kv = _kv(torch.float16)
+    blob = bytearray(encode_chunk("k", FP, TOK, kv, codec="none", byte_shuffle=shuffle))
+    _, out = decode_chunk(blob, key="k")
+    blob[-64:] = bytes(64)
+    out.view(-1)[0] = out.view(-1)[0]  # writable
+    assert torch.equal(out.view(torch.uint8), kv.view(torch.uint8))
+
+
+def test_frame_count_must_match_the_blocks_of_raw_len():
+    """Two 1 MiB frames for a 2 MiB chunk; dropping or duplicating one is corrupt before decompressing."""
+    import msgpack
+
+    kv = _kv(torch.bfloat16, shape=(4, 2, 256, 4, 128))
+    blob = encode_chunk("big", FP, TOK, kv, codec="zstd", byte_shuffle=True)
+    header, offset = read_header(blob)
+    fields = msgpack.unpackb(blob[12:offset], raw=False)
+    first = blob[offset:offset + header.block_sizes[0]]
+    for sizes, payload in (([header.block_sizes[0]], first), ([header.block_sizes[0]] * 3, first * 3)):
+        packed = msgpack.packb({**fields, "block_sizes": sizes}, use_bin_type=True)
+        bad = blob[:8] + len(packed).to_bytes(4, "little") + packed + payload
+        with pytest.raises(CorruptChunk, match="blocks"):
+            decode_chunk(bad, key="big")

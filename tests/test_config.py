@@ -66,3 +66,12 @@ def test_replace_revalidates():
     assert cfg.replace(chunk_size=64).chunk_size == 64
     with pytest.raises(ConfigError):
         cfg.replace(chunk_size=-1)
+
+
+def test_project_tool_variables_are_not_config_keys():
+    """LMCACHE_SGL_* switch shims and tools; an unknown LMCACHE_* is still an error."""
+    cfg = CacheConfig.load(environ={"LMCACHE_SGL_CPU_EXTEND_ATTN": "0", "LMCACHE_SGL_MODEL_CACHE": "/tmp/m",
+                                    "LMCACHE_CHUNK_SIZE": "64"})
+    assert cfg.chunk_size == 64
+    with pytest.raises(ConfigError, match="LMCACHE_CHUNK_SIZ"):
+        CacheConfig.load(environ={"LMCACHE_CHUNK_SIZ": "64"})

@@ -31,13 +31,14 @@ def test_stable_across_processes_and_hash_seeds():
 
 def test_golden_values():
     keys = prefix_keys(FP, TOKENS, 16, include_partial=True)
-    # Recorded when format version 1 was fixed: a change here orphans every cache on disk.
+    # Recorded when key format version 2 was fixed (v1: 636eb4df..., orphaned by the model identity
+    # change): a change here orphans every cache on disk.
     assert keys == [
-        "636eb4df8cfc912e5acfd4db462de655",
-        "f9e48bee45b11c585d3c06deba957e09",
-        "c001d1ac92bd7097bac732f0316476b5",
+        "92fbaebddc00cce0bcf5610cf09c7f8b",
+        "30459e5e3601ae8c452498b2082e0853",
+        "88e3d278bd018cd3496d3b692fba80a9",
     ]
-    assert content_key(FP, TOKENS[:16]) == "963f7b8d985db2c94c10db0c2c9de20d"
+    assert content_key(FP, TOKENS[:16]) == "745560d147f154d08c03622a4068f878"
 
 
 def test_keys_follow_the_documented_formula():

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
+from conftest import require
+
+require("transformers")
+require("tokenizers")
 
 from lmcache_sgl.models import (  # noqa: E402
     build_tiny_llama,

@@ -16,8 +16,10 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("vllm")
-pytest.importorskip("sglang")
+from conftest import require
+
+require("vllm")
+require("sglang")
 
 from test_sglang_e2e import Server  # noqa: E402
 from test_vllm_engine import MAX_TOKENS, run_engine, smollm2  # noqa: E402,F401 (smollm2: a fixture)

@@ -1,6 +1,5 @@
 """The Redis tier on a real redis-server on loopback: shared by two stores, failures are misses."""
 
-import shutil
 import socket
 import subprocess
 import time
@@ -8,11 +7,11 @@ import time
 import pytest
 import torch
 
-from conftest import prompt_chunks, store_config
+from conftest import prompt_chunks, require, require_binary, store_config
 from lmcache_sgl import Tier, TieredStore
 
-pytest.importorskip("redis")
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+require("redis")
+require_binary("redis-server")
 
 
 def _free_port() -> int:
@@ -65,11 +64,28 @@ def test_corrupt_remote_blob_is_removed_and_missed(layout, redis_url):
         assert store.stats().corrupt_chunks == 1 and store.contains(keys[0]) is None
 
 
+def test_oversize_remote_blob_is_refused_with_a_bounded_read(layout, redis_url):
+    """A value longer than any chunk of the layout is a miss and is removed; GETRANGE caps the transfer."""
+    import redis
+    from lmcache_sgl.storage.chunk_file import max_blob_bytes
+    keys, toks, kvs = prompt_chunks(layout, 1, seed=14)
+    with TieredStore(store_config(layout, host_chunks=0, remote_url=redis_url), layout) as store:
+        store.put(keys[0], toks[0], kvs[0])
+        store.flush_pending()
+        client = redis.Redis.from_url(redis_url)
+        client.setrange("lmcsgl:" + keys[0], max_blob_bytes(layout.chunk_bytes), b"x")  # one byte too long
+        assert store.get(keys, toks) == []
+        assert store.stats().corrupt_chunks == 1 and not client.exists("lmcsgl:" + keys[0])
+
+
 def test_unreachable_server_is_a_miss(layout):
-    keys, toks, kvs = prompt_chunks(layout, 1, seed=13)
+    keys, toks, kvs = prompt_chunks(layout, 2, seed=13)
     url = f"redis://127.0.0.1:{_free_port()}"  # nothing listens there
     with TieredStore(store_config(layout, host_chunks=0, remote_url=url), layout) as store:
         assert store.put(keys[0], toks[0], kvs[0])  # queued; the write fails in the background
         store.flush_pending()
-        assert store.lookup(keys).num_hits == 0 and store.get(keys, toks) == []
-        assert store.stats().remote_errors >= 2
+        # keys[1] was never put: a miss, found neither locally nor on the server.
+        assert store.lookup(keys[1:]).num_hits == 0 and store.get(keys[1:], toks[1:]) == []
+        stats = store.stats()
+        # The first refused call trips the breaker; the others are skipped, not retried.
+        assert stats.remote_errors >= 1 and stats.remote_breaker_trips == 1

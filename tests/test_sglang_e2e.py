@@ -26,7 +26,9 @@ import pytest
 import requests
 import torch
 
-pytest.importorskip("sglang")
+from conftest import require
+
+require("sglang")
 
 from lmcache_sgl.adapters.sglang.local_server import LocalServer  # noqa: E402
 from lmcache_sgl.models import build_tiny_llama  # noqa: E402

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("sglang")
+from conftest import require
+
+require("sglang")
 
 from lmcache_sgl.adapters.sglang import plugin  # noqa: E402
 from lmcache_sgl.config import ConfigError  # noqa: E402

@@ -11,6 +11,7 @@ import torch
 from lmcache_sgl import CacheConfig, ChunkLayout, TieredStore
 from lmcache_sgl.adapters.sglang.device_kv import DeviceKV, fingerprint
 from lmcache_sgl.adapters.sglang.tier_link import TierLink, _split_by_tier
+from lmcache_sgl.adapters.sglang.tp_agree import RankAgreement
 from lmcache_sgl.metrics import Tier
 
 C = 16  # chunk size
@@ -107,3 +108,28 @@ def test_a_load_from_mid_chunk_scatters_into_the_pool(link):
         for (k, v), (k0, v0) in zip(POOL, saved):
             k.copy_(k0)
             v.copy_(v0)
+
+
+class RecordingAgreement(RankAgreement):
+    """Stands in for the TP peers: records what this rank proposes, answers the peers' MIN."""
+
+    def __init__(self, peer_hit_end: int) -> None:
+        super().__init__()
+        self.peer_hit_end = peer_hit_end
+        self.proposed: list[int] = []
+
+    def min(self, value: int) -> int:
+        self.proposed.append(value)
+        return min(value, self.peer_hit_end)
+
+
+def test_plan_joins_the_rank_agreement_even_on_a_local_miss(link):
+    """The collective depends on the token ids only: a local miss proposes 0, a short prompt never calls."""
+    tokens, slots = path(64, seed=4)
+    link.save_completed_chunks(tokens, slots, node_start=0)
+    link.agree = RecordingAgreement(peer_hit_end=32)
+    plan = link.plan(tokens, device_len=0)
+    assert (plan.hit_end, len(plan.keys)) == (32, 2)  # the peer has 2 chunks, this rank 4
+    assert link.plan(path(64, seed=5)[0], device_len=0) is None  # nothing stored for these tokens
+    assert link.plan(tokens[:C - 1], device_len=0) is None  # no full chunk: no collective
+    assert link.agree.proposed == [64, 0]

@@ -1,23 +1,32 @@
-"""Two processes writing and reading one cache directory at once: no errors, no wrong data."""
+"""Two processes writing and reading one cache directory at once: no errors, no wrong data, one budget."""
 
 import multiprocessing as mp
 import sys
 from pathlib import Path
 
+from conftest import store_config
+from lmcache_sgl.storage.disk_tier import iter_chunk_files
+
 TESTS = str(Path(__file__).parent)
+DISK_CHUNKS = 12  # the budget of each process, in raw chunk sizes; both share one directory
+
+
+def _layout():
+    from lmcache_sgl import ChunkLayout, ModelFingerprint
+    return ChunkLayout(ModelFingerprint("shared", "bfloat16", 2, 2, 16), 16)
 
 
 def _worker(root: str, seed: int, rounds: int, out: mp.Queue) -> None:
     sys.path.insert(0, TESTS)
     import torch
     from conftest import prompt_chunks, store_config
-    from lmcache_sgl import ChunkLayout, ModelFingerprint, TieredStore
+    from lmcache_sgl import TieredStore
 
-    layout = ChunkLayout(ModelFingerprint("shared", "bfloat16", 2, 2, 16), 16)
-    # Both workers share prompts 0..5 and each has its own 100+seed.
-    prompts = [prompt_chunks(layout, 3, seed=s) for s in (*range(6), 100 + seed)]
+    layout = _layout()
+    # Both workers share prompts 0..2 and each has four of its own, 100*seed+j.
+    prompts = [prompt_chunks(layout, 3, seed=s) for s in (*range(3), *(100 * seed + j for j in range(4)))]
     wrong = served = 0
-    store = TieredStore(store_config(layout, host_chunks=1, disk_dir=root, disk_chunks=12), layout)
+    store = TieredStore(store_config(layout, host_chunks=1, disk_dir=root, disk_chunks=DISK_CHUNKS), layout)
     for r in range(rounds):
         keys, toks, kvs = prompts[(r * (seed + 1)) % len(prompts)]
         got = store.get(keys, toks)
@@ -42,3 +51,7 @@ def test_two_processes_share_one_directory(tmp_path):
     assert all(wrong == 0 and corrupt == 0 for wrong, _, corrupt in results)
     assert sum(served for _, served, _ in results) > 0  # they did read each other's or their own files
     assert not list((tmp_path).rglob("*.tmp.*"))  # no temporary file left behind
+    # 7 prompts of 3 chunks per process, 33 distinct chunks: nearly three budgets were written.
+    budget = store_config(_layout(), host_chunks=1, disk_dir=tmp_path, disk_chunks=DISK_CHUNKS).disk_bytes
+    on_disk = sum(f.size for f in iter_chunk_files(tmp_path))
+    assert 0 < on_disk <= budget, (on_disk, budget)

@@ -171,17 +171,26 @@ def test_unwritable_disk_dir_disables_the_tier(layout, tmp_path):
         assert store.lookup(keys).tiers == (Tier.HOST,)
 
 
-def test_disk_write_errors_are_counted_not_raised(layout, tmp_path, monkeypatch):
+@pytest.mark.parametrize("host_chunks", [0, 2])
+def test_disk_write_errors_keep_the_chunk_until_the_disk_works(layout, tmp_path, monkeypatch, host_chunks):
+    """A full disk is counted, not raised; the chunk stays readable from memory and is written later."""
     keys, toks, kvs = prompt_chunks(layout, 2)
-    cfg = store_config(layout, host_chunks=0, disk_dir=tmp_path, disk_chunks=10)
+    cfg = store_config(layout, host_chunks=host_chunks, disk_dir=tmp_path, disk_chunks=10)
     with TieredStore(cfg, layout) as store:
         def full_disk(*a, **k):
             raise OSError(28, "No space left on device")
         monkeypatch.setattr("lmcache_sgl.storage.disk_tier.os.fsync", full_disk)
         assert store.put(keys[0], toks[0], kvs[0])
-        store.flush_pending()
-        assert store.stats().disk_write_errors == 1 and store.lookup(keys).num_hits == 0
-        assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no partial file left
+        store.flush()
+        s = store.stats()
+        assert s.disk_write_errors == s.write_failures >= 1 and s.writebacks == 0  # without host: written, retried
+        assert not list(tmp_path.rglob("*.kv*"))  # no chunk file, no partial (.kv.tmp.*) file left
+        assert store.lookup(keys).tiers == (Tier.HOST,) and _equal(store.get(keys, toks)[0], kvs[0])
+        monkeypatch.undo()
+        store.flush()
+        assert store.stats().writebacks == 1
+    with TieredStore(store_config(layout, host_chunks=0, disk_dir=tmp_path, disk_chunks=10), layout) as store:
+        assert store.lookup(keys).tiers == (Tier.DISK,) and _equal(store.get(keys, toks)[0], kvs[0])
 
 
 def test_remove_and_clear(layout, tmp_path):

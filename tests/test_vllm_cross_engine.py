@@ -17,8 +17,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("vllm")
-pytest.importorskip("sglang")
+from conftest import require
+
+require("vllm")
+require("sglang")
 
 from test_sglang_e2e import Server  # noqa: E402
 from test_vllm_engine import MAX_TOKENS, run_engine  # noqa: E402
@@ -64,6 +66,6 @@ def test_sglang_and_vllm_load_each_others_prefixes(tmp_path):
 
 
 def _sglang(model, tmp_path, name: str, args: list[str]) -> Server:
-    # The fingerprint's model name must be the checkpoint's directory name in both engines
-    # (keys.model_name_from_path); SGLang takes it from --served-model-name.
+    # Both engines name the model by model_identity(checkpoint dir), so keys match; the served
+    # name only keeps the two APIs' model fields alike.
     return Server(model, tmp_path / f"{name}.log", [*args, "--served-model-name", model.name])

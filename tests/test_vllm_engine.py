@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("vllm")
+from conftest import require
+
+require("vllm")
 
 from lmcache_sgl import CacheConfig, ChunkLayout, ModelFingerprint, TieredStore, prefix_keys  # noqa: E402
-from lmcache_sgl.keys import model_name_from_path  # noqa: E402
+from lmcache_sgl.model_identity import model_identity  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +82,7 @@ def run_engine(tmp_path: Path, model: Path, prompts: list[list[int]], disk: Path
 
 def perturb_store(model: Path, prompts: list[list[int]], disk: Path, fp_fields: dict) -> int:
     """Rewrite every stored chunk of ``prompts`` with noise added to K and V; returns how many."""
-    fp = ModelFingerprint(model_name_from_path(str(model)), "float32", **fp_fields)
+    fp = ModelFingerprint(model_identity(model), "float32", **fp_fields)
     config = CacheConfig(chunk_size=CHUNK, local_cpu=False, local_disk=str(disk))
     gen = torch.Generator().manual_seed(0)
     count = 0
@@ -102,7 +104,7 @@ def assert_canonical(model: Path, prompt: list[int], disk: Path, fp_fields: dict
 
     from lmcache_sgl.prepopulate import compute_kv
 
-    fp = ModelFingerprint(model_name_from_path(str(model)), "float32", **fp_fields)
+    fp = ModelFingerprint(model_identity(model), "float32", **fp_fields)
     keys = prefix_keys(fp, prompt, CHUNK)
     config = CacheConfig(chunk_size=CHUNK, local_cpu=False, local_disk=str(disk))
     with TieredStore(config, ChunkLayout(fp, CHUNK)) as store:

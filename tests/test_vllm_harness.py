@@ -4,6 +4,9 @@ Built as vLLM's own ``tests/v1/kv_connector/unit/utils.py`` builds its
 scheduler: a ``ModelConfig`` on a local directory holding only a config.json
 (no weights, no tokenizer). The "model" writes a known KV value for every
 token it computes, so a test can tell loaded KV from computed KV, byte for byte.
+It also attends: a token computed while any earlier slot of its request holds
+wrong KV gets wrong KV itself (``token_kv + WRONG_CONTEXT``), as a real
+model's would, so a save of KV computed over unloaded blocks is visible.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from unittest import mock
 import pytest
 import torch
 
-pytest.importorskip("vllm")
+from conftest import require
+
+require("vllm")
 
 from vllm import SamplingParams  # noqa: E402
 from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
@@ -34,6 +39,7 @@ from lmcache_sgl.adapters.vllm import LMCacheSGLConnector
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 2, 2, 64
 LAYER_NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(NUM_LAYERS)]
 SENTINEL = -7.0  # what an untouched pool slot holds
+WRONG_CONTEXT = 0.5  # added to the KV of tokens computed over a wrong prefix
 SAMPLED_TOKEN = 7
 _ids = itertools.count()
 init_none_hash(sha256)
@@ -141,22 +147,36 @@ class Harness:
         self.scheduler.shutdown()
 
     def _forward(self, out) -> None:
-        """Write the fake KV of every token computed this step into its slot."""
+        """Write the KV of every token computed this step into its slot, as one batch.
+
+        Like a real forward, each layer first writes the batch's new KV, then
+        attends: a request whose prefix [0, start) is not the right KV after the
+        writes computes wrong KV for all its tokens of the step.
+        """
         computed = {r.req_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
         cached = out.scheduled_cached_reqs
         computed.update(zip(cached.req_ids, cached.num_computed_tokens))
-        for req_id, n in out.num_scheduled_tokens.items():
-            req = self.requests[req_id]
-            start = computed[req_id]
-            end = start + n
+        spans = {req_id: (computed[req_id], computed[req_id] + n) for req_id, n in out.num_scheduled_tokens.items()}
+        for req_id, (start, end) in spans.items():
             (block_ids,) = self.scheduler.kv_cache_manager.get_block_ids(req_id)
             self.block_ids[req_id] = list(block_ids)
-            t = torch.arange(start, end)
-            blocks = torch.tensor(block_ids)[t // self.block_size]
-            kv = token_kv(req.all_token_ids, start, end)  # [L, T, H, 2D]
-            for (k, v), layer_kv in zip(self.planes, kv):
-                k[blocks, :, t % self.block_size] = layer_kv[..., :HEAD_DIM]
-                v[blocks, :, t % self.block_size] = layer_kv[..., HEAD_DIM:]
+            self._write(req_id, start, end, token_kv(self.requests[req_id].all_token_ids, start, end))
+        wrong = [req_id for req_id, (start, _) in spans.items() if not self._prefix_is_right(req_id, start)]
+        for req_id in wrong:
+            start, end = spans[req_id]
+            self._write(req_id, start, end, token_kv(self.requests[req_id].all_token_ids, start, end) + WRONG_CONTEXT)
+
+    def _prefix_is_right(self, req_id: str, start: int) -> bool:
+        req = self.requests[req_id]
+        return torch.equal(self.slots(req, 0, start), token_kv(req.all_token_ids, 0, start))
+
+    def _write(self, req_id: str, start: int, end: int, kv: torch.Tensor) -> None:
+        """Write kv [L, T, H, 2D] into the slots of tokens [start, end) of a request."""
+        t = torch.arange(start, end)
+        blocks = torch.tensor(self.block_ids[req_id])[t // self.block_size]
+        for (k, v), layer_kv in zip(self.planes, kv):
+            k[blocks, :, t % self.block_size] = layer_kv[..., :HEAD_DIM]
+            v[blocks, :, t % self.block_size] = layer_kv[..., HEAD_DIM:]
 
 
 def _vllm_config(model_dir: Path, extra_config: dict, block_size: int, policy: str,

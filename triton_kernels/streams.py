@@ -25,6 +25,9 @@ Contract (who records, who waits)::
    so the caching allocator does not hand out their memory early; the handle
    also keeps them (and host buffers, which no allocator tracks) alive until it
    completes. Pass the slot tensor if the caller may drop it right away.
+   Host slots lent by ``TieredStore.borrow``: hand the handle to
+   ``loan.release(after=done)``; the store keeps the slots pinned (no put can
+   overwrite them) until ``done.query()`` is True.
 
 On a CPU device there is no stream: copies run synchronously, ``launch``
 yields a handle that is already complete, and every method is a no-op.

@@ -13,7 +13,7 @@ Config: defaults, then the YAML file (``config_file`` in the extra config, or
 (keys as in ``CacheConfig``, optionally prefixed ``lmcache.``).
 
 Keys are ``prefix_keys`` over the prompt's token ids with a fingerprint named
-by ``model_name_from_path``, so SGLang and vLLM serving the same checkpoint
+by ``model_identity``, so SGLang and vLLM serving the same checkpoint
 share chunks. Each TP rank stores its own shard under keys that carry its rank.
 
 Process layout: the scheduler connector lives with vLLM's scheduler, one worker
@@ -39,7 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from ..config import CacheConfig
-from ..keys import model_name_from_path
+from ..model_identity import model_identity
 from .vllm_scheduler import LMCacheSGLMetadata, LookupClient, SchedulerSide
 from .vllm_worker import LookupServer, WorkerSide, attention_backends
 
@@ -75,6 +75,7 @@ class LMCacheSGLConnector(KVConnectorBase_V1):
         self._worker: WorkerSide | None = None
         self._server: LookupServer | None = None
         if role == KVConnectorRole.SCHEDULER:
+            _warn_if_load_failures_fail(transfer)
             addresses = [lookup_address(self._engine_id, r) for r in range(self._tp_size)]
             self._lookup = LookupClient(addresses, _authkey(self._engine_id))
             self._scheduler = SchedulerSide(self._lookup, self._config.chunk_size, self._block_size,
@@ -82,7 +83,7 @@ class LMCacheSGLConnector(KVConnectorBase_V1):
                                             can_load=transfer.is_kv_consumer and not self._disabled,
                                             can_save=transfer.is_kv_producer and not self._disabled)
         else:
-            model_name = model_name_from_path(vllm_config.model_config.model)
+            model_name = model_identity(vllm_config.model_config.model, self._config.model_id)
             self._worker = WorkerSide(self._config, model_name, self._block_size, _tp_rank(vllm_config),
                                       self._tp_size)
 
@@ -130,9 +131,7 @@ class LMCacheSGLConnector(KVConnectorBase_V1):
             self._worker.save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        if self._worker is not None:
-            self._worker.forget(finished_req_ids)
-        return None, None
+        return None, None  # transfers complete within their step
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
@@ -193,6 +192,14 @@ def _block_size(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | Non
     if groups:
         return groups[0].kv_cache_spec.block_size
     return vllm_config.cache_config.block_size
+
+
+def _warn_if_load_failures_fail(transfer) -> None:
+    """vLLM's default policy ends a request with an error when its load fails; the cache expects a recompute."""
+    if transfer.is_kv_consumer and transfer.kv_load_failure_policy == "fail":
+        log.warning('lmcache_sgl: kv_load_failure_policy is "fail": a chunk that goes missing or fails its '
+                    'checksum between lookup and load will end its request with an error. Add '
+                    '"kv_load_failure_policy": "recompute" to --kv-transfer-config to recompute it instead.')
 
 
 def _tp_rank(vllm_config: "VllmConfig") -> int:

@@ -9,6 +9,11 @@ Index ranges of a request's prompt of n tokens (chunk size C, block size B):
   # [local, hit')       loaded from the store this step; hit' = min(hit, num_tokens - 1)
   # [hit', n)           computed by vLLM
   # [0, saved)          in the store, or already handed to the workers to save
+  # [0, computed)       in vLLM's blocks after the last planned step
+A request that comes back with fewer computed tokens than planned was rolled
+back by vLLM (its load failed, or it shared blocks whose load failed; the
+workers then skipped saves over those blocks), so ``saved`` falls back to the
+chunk boundary at or below the rolled-back point and the recompute saves again.
 Chunk i covers [i*C, (i+1)*C); a partial last chunk [k*C, n) exists only with
 ``save_unfull_chunk``. A token t lives in slot ``block_ids[t // B] * B + t % B``.
 """
@@ -95,12 +100,13 @@ class LookupClient:
 
 
 class _ReqState:
-    __slots__ = ("token_ids", "block_ids", "saved", "load")
+    __slots__ = ("token_ids", "block_ids", "saved", "computed", "load")
 
     def __init__(self, token_ids: list[int]) -> None:
         self.token_ids = token_ids  # the prompt
         self.block_ids: list[int] = []
         self.saved = 0  # tokens [0, saved) are in the store or queued for saving
+        self.computed = 0  # tokens [0, computed) are in vLLM's blocks once the last planned step ran
         self.load: tuple[int, int] | None = None  # [start, end) to load in the next step
 
 
@@ -142,6 +148,7 @@ class SchedulerSide:
         if state is None:
             state = self._reqs[request.request_id] = _ReqState(tokens)
         state.saved = max(state.saved, hit)  # chunks the store holds need no save
+        state.computed = 0  # new or resumed after preemption: vLLM counts its tokens afresh
         state.load = (local, local + num_external_tokens) if num_external_tokens > 0 else None
 
     def build_meta(self, scheduler_output) -> LMCacheSGLMetadata:
@@ -179,9 +186,12 @@ class SchedulerSide:
             state.load = None
         if not self._can_save:
             return
-        # After this step's forward, tokens [0, num_computed + scheduled) sit in the blocks.
         n = len(state.token_ids)
+        if min(num_computed, n) < state.computed:  # rolled back by vLLM: save the recomputed chunks again
+            state.saved = min(state.saved, num_computed - num_computed % self._chunk)
+        # After this step's forward, tokens [0, num_computed + scheduled) sit in the blocks.
         done = min(num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0), n)
+        state.computed = done
         end = done if (done == n and self._unfull) else done - done % self._chunk
         if end > state.saved:
             meta.saves.append(self._spec(req_id, state, state.saved, end))

@@ -13,8 +13,9 @@ Loads run before the forward (vLLM schedules them as synchronous loads).
 Saves gather the blocks and ``put`` copies them into host memory inside
 ``wait_for_save``, before the step ends, so vLLM may reuse the blocks at once.
 A failed load reports its blocks, so ``kv_load_failure_policy="recompute"``
-rolls the request back; a request whose load failed saves nothing more, since
-the tokens it computed in that step attended to the missing KV.
+rolls back every request whose block table holds them. Such a block is
+poisoned for the rest of the step: vLLM's prefix cache may have handed it to
+other requests of the same step, and no chunk computed over it is saved.
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ class WorkerSide:
         self.store: TieredStore | None = None
         self.pool: KernelCopy | CpuAttnCopy | None = None
         self._include_partial = config.save_unfull_chunk
-        self._load_errors: set[int] = set()
-        self._poisoned: set[str] = set()  # requests whose load failed: their new KV must not be saved
+        self._load_errors: set[int] = set()  # reported to vLLM, which rolls their requests back
+        self._poisoned: set[int] = set()  # blocks that failed to load this step, for every request
         self._clock = PrefillClock(min_tokens=config.chunk_size)
 
     # ---- setup ---------------------------------------------------------------
@@ -161,7 +162,7 @@ class WorkerSide:
                             "reporting %d blocks for recompute", spec.req_id, spec.start, max(end, spec.start),
                             spec.start, spec.end, len(bad))
                 self._load_errors.update(bad)
-                self._poisoned.add(spec.req_id)
+                self._poisoned.update(bad)
 
     def _load_one(self, spec: TransferSpec) -> int:
         """Load tokens [start, end); returns where the loaded prefix ends (start on failure)."""
@@ -182,14 +183,21 @@ class WorkerSide:
     # ---- save ----------------------------------------------------------------
 
     def save(self, meta: LMCacheSGLMetadata) -> None:
-        """Copy each save's chunks out of the blocks into the store (host memory) now."""
+        """Copy each save's chunks out of the blocks into the store (host memory) now.
+
+        Ends the step: chunks that attend to a block whose load failed in it are skipped.
+        """
+        poisoned, self._poisoned = self._poisoned, set()
         if self.store is None:
             return
         for spec in meta.saves:
-            if spec.req_id in self._poisoned:
-                continue
+            clean_end = self._clean_prefix(spec, poisoned)
             try:
                 for span in self._spans(spec, spec.start, spec.end):
+                    if span.end > clean_end:
+                        log.info("lmcache_sgl: not saving tokens [%d, %d) of request %s: they attend to "
+                                 "blocks that failed to load", span.start, spec.end, spec.req_id)
+                        break
                     kv = self.pool.gather(self._slots(spec, span.start, span.end))
                     self.store.put(span.key, span.token_ids, kv, start_pos=span.start)
             except Exception:
@@ -200,9 +208,6 @@ class WorkerSide:
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
-
-    def forget(self, finished_req_ids) -> None:
-        self._poisoned.difference_update(finished_req_ids)
 
     def close(self) -> None:
         if self.store is not None:
@@ -219,6 +224,13 @@ class WorkerSide:
         keys = prefix_keys(self.fingerprint, tokens, size, include_partial=partial)
         return [_Span(keys[s.index], s.start, s.end, tokens[s.start:s.end])
                 for s in chunk_spans(len(tokens), size, partial) if s.end > start and s.start < end]
+
+    def _clean_prefix(self, spec: TransferSpec, poisoned: set[int]) -> float:
+        """Where the request's first poisoned block starts: tokens before it attend to none (inf if none)."""
+        for i, block in enumerate(spec.block_ids):
+            if block in poisoned:
+                return i * self._block
+        return float("inf")
 
     def _slots(self, spec: TransferSpec, start: int, end: int) -> torch.Tensor:
         """Pool slots of tokens [start, end) of a request: [end - start] int64 on the pool device."""

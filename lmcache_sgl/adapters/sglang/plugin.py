@@ -61,13 +61,13 @@ def load() -> None:
 
     from . import cpu_shims
 
-    cpu_shims.apply()
     if sglang_version() != SUPPORTED_SGLANG:
         log.warning("lmcache_sgl: sglang %s is installed; --enable-lmcache needs sglang==%s",
                     sglang_version(), SUPPORTED_SGLANG)
     HookRegistry.register(_RESOLVE_TARGET, before_resolve_once, HookType.BEFORE)
     HookRegistry.register(_DETAILS_TARGET, after_cached_tokens_details, HookType.AFTER)
     _register_backend()
+    cpu_shims.apply()  # last: its ValueError (a bad LMCACHE_SGL_CPU_EXTEND_ATTN) must not skip the hooks
 
 
 def before_resolve_once(server_args, *args, **kwargs):

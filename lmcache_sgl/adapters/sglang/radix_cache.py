@@ -9,7 +9,8 @@ Protocol with the scheduler (sglang 0.5.23, the HiCache load-back path):
    scattered into newly allocated device slots and inserted into the tree, so
    the tree owns them at once. It returns ``(loaded tokens, new last node)``;
    all promised tokens or none (a failed load is a logged miss and the
-   request is prefilled).
+   request is prefilled). The scheduler raises on a partial commit
+   (``schedule_policy.py``: "must commit all promised FULL tokens or none").
 3. ``_evict_device_leaf`` (allocator-driven eviction) first puts the full
    chunks that the leaf completes into the store. A chunk may span several
    nodes; its earlier tokens sit in ancestors, which are still on the device
@@ -19,6 +20,12 @@ The tier split of a request's cached tokens goes to ``req.storage_hit_*``,
 which SGLang turns into ``meta_info.cached_tokens_details``
 (device / host / storage = our disk tier).
 
+Tensor parallelism: each rank consults its own store, so both decisions taken
+from it are agreed with a MIN over the TP CPU group (``tp_agree``), as
+HiCache does: the hit length in ``match_prefix`` (inside ``TierLink.plan``)
+and the load's success in ``init_load_back``. If any rank could not stage the
+whole load, every rank frees its staged slots and prefills.
+
 Namespaced requests (LoRA ``extra_key``, ``cache_salt``) and EAGLE bigram keys
 bypass the store: their KV is not a function of the token ids alone.
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import logging
 from array import array
+from typing import NamedTuple
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
@@ -39,9 +47,16 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.unified_radix_cache import NodeId, UnifiedRadixCache
 
-from .tier_link import LoadPlan, TierLink, token_array
+from .tier_link import LoadPlan, Loaded, TierLink, token_array
 
 log = logging.getLogger(__name__)
+
+
+class Staged(NamedTuple):
+    """A load read from the store and scattered into device slots the tree does not own yet."""
+
+    slots: torch.Tensor  # [hit_end - device_len] device slots, ours to free until inserted
+    loaded: Loaded
 
 
 class TieredRadixCache(UnifiedRadixCache):
@@ -76,25 +91,41 @@ class TieredRadixCache(UnifiedRadixCache):
         plan = self._plans.pop(req.rid, None) if req is not None else None
         if plan is None or params.host_hit_length <= 0:
             return super().init_load_back(params)
+        staged = self._stage_quietly(plan, req)
+        # Collective: every rank holds this plan (its hit length was agreed in match_prefix).
+        if not self.link.agree.min(int(staged is not None)):
+            if staged is not None:
+                log.warning("lmcache_sgl: %s: another TP rank could not load its %d tokens; prefilling instead",
+                            req.rid, plan.hit_end - plan.device_len)
+                self.token_to_kv_pool_allocator.free(staged.slots)  # not in the tree yet: still ours
+            return 0, req.last_node
         try:
-            loaded = self._load_into_tree(plan, req)
+            adopted = self._insert_loaded(plan, req, staged)
+        except Exception:  # noqa: BLE001 - engine boundary: a failed load is a miss
+            log.exception("lmcache_sgl: inserting %d loaded tokens for %s failed; prefilling instead",
+                          plan.hit_end - plan.device_len, req.rid)
+            adopted = None
+        return adopted if adopted is not None else (0, req.last_node)
+
+    def _stage_quietly(self, plan: LoadPlan, req) -> Staged | None:
+        try:
+            return self._stage(plan, req)
         except Exception:  # noqa: BLE001 - engine boundary: a failed load is a miss
             log.exception("lmcache_sgl: loading %d tokens for %s failed; prefilling instead",
                           plan.hit_end - plan.device_len, req.rid)
-            loaded = None
-        return loaded if loaded is not None else (0, req.last_node)
+            return None
 
-    def _load_into_tree(self, plan: LoadPlan, req) -> tuple[int, NodeId] | None:
+    def _stage(self, plan: LoadPlan, req) -> Staged | None:
+        """Read the plan into fresh device slots; None (nothing held) unless all of it arrived."""
         # The scheduler holds a lock on req.last_node, the device match's end.
-        device_len = req.prefix_len
-        if device_len != plan.device_len:
+        if req.prefix_len != plan.device_len:
             log.debug("lmcache_sgl: %s: device match moved %d -> %d; skipping the load",
-                      req.rid, plan.device_len, device_len)
+                      req.rid, plan.device_len, req.prefix_len)
             return None
         loaded = self.link.load(plan)
         if loaded is None:
             return None
-        num_new = plan.hit_end - device_len
+        num_new = plan.hit_end - plan.device_len
         slots = self._alloc_device(num_new)
         if slots is None:
             log.warning("lmcache_sgl: %s: no room for %d loaded tokens; prefilling instead", req.rid, num_new)
@@ -102,9 +133,13 @@ class TieredRadixCache(UnifiedRadixCache):
         try:
             self.link.device_kv.scatter(slots, loaded.kv)
         except Exception:
-            self.token_to_kv_pool_allocator.free(slots)  # not in the tree yet: still ours to free
+            self.token_to_kv_pool_allocator.free(slots)
             raise
+        return Staged(slots, loaded)
+
+    def _insert_loaded(self, plan: LoadPlan, req, staged: Staged) -> tuple[int, NodeId] | None:
         # From here the tree owns the slots: the insert adopts them (or frees them as duplicates).
+        device_len, slots, loaded = plan.device_len, staged.slots, staged.loaded
         prefix = self.path_device_indices(req.last_node)[:device_len]
         key = RadixKey(array("q", plan.tokens.tolist()), req.extra_key, cache_salt=req.cache_salt)
         result = self.insert(InsertParams(key=key, value=torch.cat([prefix.to(slots.device), slots]),
@@ -120,7 +155,7 @@ class TieredRadixCache(UnifiedRadixCache):
         req.host_hit_is_storage = False
         log.info("lmcache_sgl: %s: %d cached tokens = %d device + %d host + %d disk", req.rid, plan.hit_end,
                  device_len, loaded.host_tokens, loaded.disk_tokens)
-        return num_new, last
+        return slots.numel(), last
 
     def _alloc_device(self, num_tokens: int) -> torch.Tensor | None:
         allocator = self.token_to_kv_pool_allocator

@@ -6,6 +6,7 @@ token ids and device slots. Index ranges of one token path, chunk size C:
     # [0, n_full*C)               full chunks, keyed by prefix_keys(fp, tokens, C)
     # [i*C, (i+1)*C)              chunk i; saved when the node holding its last token leaves the device
     # [device_len, hit_end)       a load: beyond the device match, up to the last leading store hit
+    #                             that every TP rank has (``RankAgreement``)
 
 Every failure here (a corrupt chunk, an unreadable file, a full disk) is
 logged and becomes a miss: a save that fails is dropped, a load that fails
@@ -26,6 +27,7 @@ from ...keys import ModelFingerprint, prefix_keys
 from ...metrics import Tier
 from ...tiered_store import TieredStore
 from .device_kv import DeviceKV
+from .tp_agree import RankAgreement
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,10 @@ class LinkCounters:
 class TierLink:
     """Moves whole chunks between SGLang's device pool and a ``TieredStore``."""
 
-    def __init__(self, store: TieredStore, device_kv: DeviceKV, fingerprint: ModelFingerprint) -> None:
+    def __init__(self, store: TieredStore, device_kv: DeviceKV, fingerprint: ModelFingerprint,
+                 agree: RankAgreement | None = None) -> None:
         self.store = store
+        self.agree = agree or RankAgreement()
         self.device_kv = device_kv
         self.fingerprint = fingerprint
         self.chunk_size = store.config.chunk_size
@@ -90,7 +94,8 @@ class TierLink:
             kv = self.device_kv.gather(slots[index.to(slots.device)])  # [L, 2, len(todo)*C, H, D]
             put = 0
             for j, i in enumerate(todo):
-                put += self.store.put(keys[i], tokens[i * c:(i + 1) * c], kv[:, :, j * c:(j + 1) * c])
+                put += self.store.put(keys[i], tokens[i * c:(i + 1) * c], kv[:, :, j * c:(j + 1) * c],
+                                      start_pos=i * c)
         except Exception:  # noqa: BLE001 - engine boundary: a failed save is a dropped save
             log.exception("lmcache_sgl: saving %d evicted chunk(s) failed; they are dropped", n_full - first)
             with self._lock:
@@ -103,22 +108,32 @@ class TierLink:
     # ---- plan (a cheap lookup, no data moved) -------------------------------
 
     def plan(self, tokens: np.ndarray, device_len: int) -> LoadPlan | None:
-        """The store hits beyond a device match of ``device_len`` tokens, or None."""
+        """The store hits beyond a device match of ``device_len`` tokens that every TP rank has, or None.
+
+        A collective under TP whenever ``tokens`` hold a full chunk: the call
+        depends on the token ids alone, which every rank shares.
+        """
         c = self.chunk_size
         n_full = len(tokens) // c
-        first = device_len // c
-        if first >= n_full:
+        if n_full == 0:
             return None
+        keys = prefix_keys(self.fingerprint, tokens[:n_full * c], c)
+        first = device_len // c
+        hit_end = self.agree.min(self._local_hit_end(keys, first))  # [0, hit_end) chunk-aligned
+        if hit_end <= device_len:
+            return None
+        return LoadPlan(tokens[:hit_end], tuple(keys[first:hit_end // c]), first, device_len, hit_end)
+
+    def _local_hit_end(self, keys: Sequence[str], first: int) -> int:
+        """The end of this rank's leading store hits from chunk ``first``; 0 for none (a failed lookup too)."""
+        if first >= len(keys):
+            return 0
         try:
-            keys = prefix_keys(self.fingerprint, tokens[:n_full * c], c)
             hits = self.store.lookup(keys[first:]).num_hits
         except Exception:  # noqa: BLE001
             log.exception("lmcache_sgl: store lookup failed; treated as a miss")
-            return None
-        hit_end = (first + hits) * c
-        if hit_end <= device_len:
-            return None
-        return LoadPlan(tokens[:hit_end], tuple(keys[first:first + hits]), first, device_len, hit_end)
+            return 0
+        return (first + hits) * self.chunk_size if hits else 0
 
     # ---- load (store -> host tensor) ---------------------------------------
 
