@@ -8,8 +8,12 @@ single tests): a test's dependencies. Locally a missing one skips; under
 from __future__ import annotations
 
 import importlib
+import multiprocessing as mp
 import os
 import shutil
+import socket
+import subprocess
+import time
 from types import ModuleType
 
 import pytest
@@ -92,3 +96,40 @@ def store_config(layout: ChunkLayout, host_chunks: int, disk_dir=None, disk_chun
                        max_local_cpu_size=host_chunks * layout.chunk_bytes / gib,
                        local_disk=str(disk_dir) if disk_dir else None,
                        max_local_disk_size=disk_chunks * layout.chunk_bytes / gib, **kw)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (yet)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(port: int) -> subprocess.Popen:
+    """A throwaway redis-server on 127.0.0.1:port (no persistence), answering PING when this returns."""
+    import redis
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(200):
+        try:
+            client.ping()
+            return proc
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"redis-server did not answer on port {port}")
+
+
+def run_in_processes(target, args_per_process: list[tuple], timeout_s: float = 120) -> list:
+    """Run ``target(*args, out_queue)`` in one spawned process per args; return what each put, in any order."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, out)) for args in args_per_process]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=timeout_s) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    return results

@@ -111,20 +111,28 @@ def test_value_head_dim_differs_from_qk():
     torch.testing.assert_close(run_shim(b), run_sglang(b), atol=ATOL, rtol=0)
 
 
-def test_mask_shifted_by_one_is_caught(monkeypatch):
-    """Negative control: a mask that lets each new token see one key ahead makes the comparison fail."""
+def test_masked_sdpa_path_equals_sglang_too(monkeypatch):
+    """Without torch's CPU flash op (or for Dv != D) the shim uses one masked SDPA call: same answer."""
+    monkeypatch.setattr(cpu_shims, "_FLASH_CPU", None)
+    b = make_batch(*CASES["mixed_batch"], q_heads=8, kv_heads=2, seed=13)
+    torch.testing.assert_close(run_shim(b), run_sglang(b), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", ["flash_split", "masked_sdpa"])
+def test_mask_shifted_by_one_is_caught(monkeypatch, kernel):
+    """Negative control: letting each new token see one key ahead makes the comparison fail, on both paths."""
     b = make_batch([PAGE, 5 * PAGE], [12, 20], q_heads=8, kv_heads=2, seed=11)
-    right = cpu_shims.suffix_causal_mask
-
-    def one_ahead(new_len, seq_len, device):
-        return torch.ones(new_len, seq_len, dtype=torch.bool, device=device).tril(diagonal=seq_len - new_len + 1)
-
-    monkeypatch.setattr(cpu_shims, "suffix_causal_mask", one_ahead)
-    wrong = run_shim(b)
-    monkeypatch.setattr(cpu_shims, "suffix_causal_mask", right)
     want = run_sglang(b)
-    assert not torch.allclose(wrong, want, atol=1e-3)
     torch.testing.assert_close(run_shim(b), want, atol=ATOL, rtol=0)
+    if kernel == "masked_sdpa":
+        monkeypatch.setattr(cpu_shims, "_FLASH_CPU", None)
+        monkeypatch.setattr(cpu_shims, "suffix_causal_mask", lambda new_len, seq_len, device: torch.ones(
+            new_len, seq_len, dtype=torch.bool, device=device).tril(diagonal=seq_len - new_len + 1))
+    else:
+        split = cpu_shims._prefix_plus_causal
+        monkeypatch.setattr(cpu_shims, "_prefix_plus_causal",
+                            lambda q, k, v, scaling, prefix_len: split(q, k, v, scaling, prefix_len + 1))
+    assert not torch.allclose(run_shim(b), want, atol=1e-3)
 
 
 def test_top_left_causal_is_wrong_with_a_prefix():

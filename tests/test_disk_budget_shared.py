@@ -6,10 +6,10 @@ flight (its temporary file or its just-renamed file). Measured after a write
 returns in the writing process, the directory is within the budget.
 """
 
-import multiprocessing as mp
 import os
 from pathlib import Path
 
+from conftest import run_in_processes
 from lmcache_sgl.storage.disk_tier import USAGE_FILE, DiskTier, iter_chunk_files
 
 BLOB = 4096
@@ -100,15 +100,7 @@ def _writer(root: str, owner: int, rounds: int, out) -> None:
 
 def test_two_processes_keep_the_directory_within_budget(tmp_path):
     """Two real processes writing at once: at most one chunk of slack, none once both are done."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), owner, 40, out)) for owner in (1, 2)]
-    for p in procs:
-        p.start()
-    worst = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    worst = run_in_processes(_writer, [(str(tmp_path), owner, 40) for owner in (1, 2)])
     assert max(worst) <= BUDGET + BLOB, worst
     assert dir_bytes(tmp_path) <= BUDGET
     assert DiskTier(tmp_path, BUDGET, "LRU").used_bytes == dir_bytes(tmp_path)

@@ -4,14 +4,13 @@ The black hole is a real TCP server on loopback that accepts and never replies.
 """
 
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
 import torch
 
-from conftest import prompt_chunks, require, store_config
+from conftest import free_port, prompt_chunks, require, start_redis, store_config
 from lmcache_sgl import Tier, TieredStore
 from lmcache_sgl.config import CacheConfig, ConfigError
 
@@ -62,26 +61,6 @@ def black_hole():
         hole.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            return proc
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"redis-server did not start on port {port}")
-
-
 needs_redis_server = pytest.mark.requires_binary("redis-server")
 
 
@@ -123,7 +102,7 @@ def test_hits_return_after_the_back_off_once_redis_is_back(layout, black_hole):
         assert store.lookup(keys).num_hits == 0  # open: no round trip
         assert time.perf_counter() - tripped < TIMEOUT_S / 2
         black_hole.close()
-        proc = _start_redis(port)
+        proc = start_redis(port)
         try:
             with _store(layout, f"redis://127.0.0.1:{port}") as writer:
                 for k, t, kv in zip(keys, toks, kvs):
@@ -143,8 +122,8 @@ def test_hits_return_after_the_back_off_once_redis_is_back(layout, black_hole):
 @needs_redis_server
 def test_lookup_makes_one_round_trip(layout, monkeypatch):
     """However many keys a lookup checks, it sends one request to Redis."""
-    port = _free_port()
-    proc = _start_redis(port)
+    port = free_port()
+    proc = start_redis(port)
     try:
         keys, toks, kvs = prompt_chunks(layout, 8, seed=24)
         with _store(layout, f"redis://127.0.0.1:{port}") as store:

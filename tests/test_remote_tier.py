@@ -1,38 +1,19 @@
 """The Redis tier on a real redis-server on loopback: shared by two stores, failures are misses."""
 
-import socket
-import subprocess
-import time
-
 import pytest
 import torch
 
-from conftest import prompt_chunks, require, require_binary, store_config
+from conftest import free_port, prompt_chunks, require, require_binary, start_redis, store_config
 from lmcache_sgl import Tier, TieredStore
 
 require("redis")
 require_binary("redis-server")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def redis_url():
-    port = _free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    import redis
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
+    port = free_port()
+    proc = start_redis(port)
     yield f"redis://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
@@ -80,7 +61,7 @@ def test_oversize_remote_blob_is_refused_with_a_bounded_read(layout, redis_url):
 
 def test_unreachable_server_is_a_miss(layout):
     keys, toks, kvs = prompt_chunks(layout, 2, seed=13)
-    url = f"redis://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"redis://127.0.0.1:{free_port()}"  # nothing listens there
     with TieredStore(store_config(layout, host_chunks=0, remote_url=url), layout) as store:
         assert store.put(keys[0], toks[0], kvs[0])  # queued; the write fails in the background
         store.flush_pending()

@@ -1,10 +1,9 @@
 """Two processes writing and reading one cache directory at once: no errors, no wrong data, one budget."""
 
-import multiprocessing as mp
 import sys
 from pathlib import Path
 
-from conftest import store_config
+from conftest import run_in_processes, store_config
 from lmcache_sgl.storage.disk_tier import iter_chunk_files
 
 TESTS = str(Path(__file__).parent)
@@ -16,7 +15,7 @@ def _layout():
     return ChunkLayout(ModelFingerprint("shared", "bfloat16", 2, 2, 16), 16)
 
 
-def _worker(root: str, seed: int, rounds: int, out: mp.Queue) -> None:
+def _worker(root: str, seed: int, rounds: int, out) -> None:
     sys.path.insert(0, TESTS)
     import torch
     from conftest import prompt_chunks, store_config
@@ -39,15 +38,7 @@ def _worker(root: str, seed: int, rounds: int, out: mp.Queue) -> None:
 
 
 def test_two_processes_share_one_directory(tmp_path):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(str(tmp_path), seed, 40, out)) for seed in (1, 2)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    results = run_in_processes(_worker, [(str(tmp_path), seed, 40) for seed in (1, 2)])
     assert all(wrong == 0 and corrupt == 0 for wrong, _, corrupt in results)
     assert sum(served for _, served, _ in results) > 0  # they did read each other's or their own files
     assert not list((tmp_path).rglob("*.tmp.*"))  # no temporary file left behind

@@ -156,7 +156,39 @@ def _attend_suffix(q, k, v, scaling, enable_gqa) -> torch.Tensor:
     if k.dtype != q.dtype:  # SDPA needs one dtype (e.g. an fp8 KV pool)
         k, v = k.to(q.dtype), v.to(q.dtype)
     new_len, seq_len = q.shape[1], k.shape[1]
-    # No prefix: plain causal, the very call SGLang makes; SDPA's CPU flash path skips masked blocks.
-    mask = None if new_len == seq_len else suffix_causal_mask(new_len, seq_len, q.device)
+    prefix_len = seq_len - new_len
+    if prefix_len == 0:  # no prefix: plain causal, the very call SGLang makes
+        return scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True,
+                                            scale=scaling, enable_gqa=enable_gqa).squeeze(0)
+    if _FLASH_CPU is not None and v.shape[-1] == q.shape[-1] and q.dtype in _FLASH_DTYPES:
+        return _prefix_plus_causal(q, k, v, scaling, prefix_len)
+    mask = suffix_causal_mask(new_len, seq_len, q.device)
     return scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
-                                        is_causal=mask is None, scale=scaling, enable_gqa=enable_gqa).squeeze(0)
+                                        scale=scaling, enable_gqa=enable_gqa).squeeze(0)
+
+
+# torch's CPU flash kernel, which also returns the log-sum-exp. SDPA with an explicit mask falls back to
+# the math kernel, which on CPU was slower than SGLang's padded causal call (45 vs 31 ms for 1,300 new
+# tokens after a 512-token prefix, 9/3 heads of 64, 2 cores); splitting the keys keeps the flash kernel.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _prefix_plus_causal(q, k, v, scaling, prefix_len: int) -> torch.Tensor:
+    """Attention of the new rows as two flash calls merged by their log-sum-exp:
+
+      # keys [0, prefix_len)        every new row sees all of them: no mask
+      # keys [prefix_len, seq_len)  square new_len x new_len: is_causal is aligned
+
+    out = (e^lse1 * out1 + e^lse2 * out2) / (e^lse1 + e^lse2), computed in float32.
+    """
+    group = q.shape[0] // k.shape[0]
+    if group > 1:  # the flash op has no GQA: one K/V head per query head
+        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    out_p, lse_p = _FLASH_CPU(q, k[:, :, :prefix_len], v[:, :, :prefix_len], 0.0, False, scale=scaling)[:2]
+    out_n, lse_n = _FLASH_CPU(q, k[:, :, prefix_len:], v[:, :, prefix_len:], 0.0, True, scale=scaling)[:2]
+    top = torch.maximum(lse_p, lse_n)
+    w_p, w_n = (lse_p - top).exp().unsqueeze(-1), (lse_n - top).exp().unsqueeze(-1)  # (1, H, new_len, 1)
+    out = (out_p.float() * w_p + out_n.float() * w_n) / (w_p + w_n)
+    return out.to(q.dtype).squeeze(0)
