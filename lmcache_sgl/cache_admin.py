@@ -2,6 +2,9 @@
 
 Engine-free; safe to run while servers use the directory (every change is an
 atomic rename or unlink, which readers already treat as a miss).
+
+What these tools create (archives, imported files, quarantine/) follows the disk
+tier's rules: private, or shared with ``shared_group`` (``storage/file_modes.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Callable, Iterable
 from .storage.chunk_file import (MAX_RAW_BYTES, ChunkHeader, CorruptChunk, decode_chunk, max_blob_bytes,
                                   read_chunk, read_stream_header)
 from .storage.disk_tier import QUARANTINE, DiskTier, chunk_path, iter_chunk_files
+from .storage.file_modes import create_file, exposure, file_modes
 
 _KEY = re.compile(r"^[0-9a-f]{32}$")
 AGE_BUCKETS = (("<1h", 3600), ("<1d", 86400), ("<7d", 7 * 86400), (">=7d", float("inf")))
@@ -116,11 +120,48 @@ def inspect_entry(root: str | os.PathLike, key: str) -> dict:
 class VerifyReport:
     checked: int
     bad: dict[str, str]  # key -> reason; each was moved to quarantine/
+    exposed: dict[str, str] = field(default_factory=dict)  # path relative to the root -> who else can read it
+    readable_by_others: bool = False  # any path in ``exposed``
 
 
-def verify(root: str | os.PathLike, threads: int = 4, progress: Progress = _no_progress) -> VerifyReport:
-    """Fully decode every file (header, lengths, checksum); quarantine the bad ones."""
+def exposed_paths(root: str | os.PathLike, shared_group: str | int | None = None) -> dict[str, str]:
+    """The directory, its subdirectories and files that anyone but the owner (and
+    ``shared_group``, when the directory is meant to be shared) can access -> why."""
     root = open_root(root)
+    gid = file_modes(shared_group).gid
+    found = {}
+    for path in _cache_paths(root):
+        try:
+            reason = exposure(path.stat(), gid)  # a link: what can be read through it
+        except FileNotFoundError:
+            continue  # removed meanwhile, or a dangling link
+        if reason:
+            found[str(path.relative_to(root)) if path != root else "."] = reason
+    return found
+
+
+def _cache_paths(root: Path) -> Iterable[Path]:
+    """The root and everything up to two levels below it (``<xx>/<key>.kv``, ``quarantine/...``)."""
+    yield root
+    for sub in _listdir(root):
+        yield sub
+        if sub.is_dir() and not sub.is_symlink():
+            yield from _listdir(sub)
+
+
+def _listdir(path: Path) -> list[Path]:
+    try:
+        return sorted(path.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def verify(root: str | os.PathLike, threads: int = 4, progress: Progress = _no_progress,
+           shared_group: str | int | None = None) -> VerifyReport:
+    """Fully decode every file (header, lengths, checksum); quarantine the bad ones.
+    Also lists what others can read (``exposed``): a warning, nothing is changed."""
+    root = open_root(root)
+    exposed = exposed_paths(root, shared_group)
     files = list(iter_chunk_files(root))
 
     def check(key: str) -> str | None:
@@ -136,10 +177,10 @@ def verify(root: str | os.PathLike, threads: int = 4, progress: Progress = _no_p
         reasons = list(progress(pool.map(check, [f.key for f in files])))
     bad = {f.key: r for f, r in zip(files, reasons) if r is not None}
     if bad:
-        tier = DiskTier(root, budget_bytes=1 << 62, policy="LRU")
+        tier = DiskTier(root, budget_bytes=1 << 62, policy="LRU", shared_group=shared_group)
         for key, reason in bad.items():
             tier.quarantine(key, reason)
-    return VerifyReport(len(files), bad)
+    return VerifyReport(len(files), bad, exposed, bool(exposed))
 
 
 @dataclass
@@ -190,18 +231,26 @@ def _model_of(path: Path) -> str | None:
         return None
 
 
-def export_archive(root: str | os.PathLike, archive: str | os.PathLike, progress: Progress = _no_progress) -> int:
-    """Write every entry into one tar file (payloads are already compressed). Returns the count."""
+def export_archive(root: str | os.PathLike, archive: str | os.PathLike, progress: Progress = _no_progress,
+                   shared_group: str | int | None = None) -> int:
+    """Write every entry into one tar file (payloads are already compressed), private or
+    shared with ``shared_group`` like the cache itself. Returns the count."""
     root = open_root(root)
+    modes = file_modes(shared_group)
     files = list(iter_chunk_files(root))
     tmp = Path(f"{archive}.tmp.{os.getpid()}")
-    with tarfile.open(tmp, "w") as tar:
-        for f in progress(files):
-            try:
-                tar.add(f.path, arcname=f"{f.key[:2]}/{f.path.name}")
-            except FileNotFoundError:
-                continue
-    os.replace(tmp, archive)
+    tmp.unlink(missing_ok=True)  # a leftover of a crashed export by a process with our pid
+    try:
+        with os.fdopen(create_file(tmp, modes), "wb") as out, tarfile.open(fileobj=out, mode="w") as tar:
+            for f in progress(files):
+                try:
+                    tar.add(f.path, arcname=f"{f.key[:2]}/{f.path.name}")
+                except FileNotFoundError:
+                    continue
+        os.replace(tmp, archive)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return len(files)
 
 
@@ -213,11 +262,11 @@ class ImportReport:
 
 
 def import_archive(archive: str | os.PathLike, root: str | os.PathLike,
-                   progress: Progress = _no_progress) -> ImportReport:
-    """Add an archive's entries to ``root``; each is verified before it lands, atomically."""
+                   progress: Progress = _no_progress, shared_group: str | int | None = None) -> ImportReport:
+    """Add an archive's entries to ``root``; each is verified before it lands, atomically, and
+    created private or shared with ``shared_group`` (the archive's modes and owners are ignored)."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    tier = DiskTier(root, budget_bytes=1 << 62, policy="LRU")
+    tier = DiskTier(root, budget_bytes=1 << 62, policy="LRU", shared_group=shared_group)
     imported = skipped = 0
     rejected: dict[str, str] = {}
     with tarfile.open(archive, "r") as tar:

@@ -2,18 +2,22 @@
 
     lmcache-sgl stats DIR               entries, bytes, compression, models, age histograms
     lmcache-sgl inspect DIR KEY         one entry's header
-    lmcache-sgl verify DIR              check every file; quarantine bad ones (exit 1 if any)
+    lmcache-sgl verify DIR              check every file; quarantine bad ones (exit 1 if any);
+                                        warn about paths others can read
     lmcache-sgl prune DIR [--max-size 10GiB] [--older-than 7d] [--model NAME] [--dry-run]
     lmcache-sgl export DIR ARCHIVE.tar  /  import ARCHIVE.tar DIR
     lmcache-sgl prepopulate --model DIR --input prompts.jsonl --cache-dir DIR
 
 Every subcommand prints JSON with ``--json`` and exits non-zero on failure.
+``verify``, ``export`` and ``import`` take ``--shared-group`` (default: the
+``LMCACHE_SHARED_DIR_GROUP`` variable, as the servers read it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from dataclasses import asdict, is_dataclass
@@ -81,11 +85,24 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    report = cache_admin.verify(args.dir, args.threads, _progress(not args.json, "verifying"))
+    report = cache_admin.verify(args.dir, args.threads, _progress(not args.json, "verifying"), args.shared_group)
     lines = [f"checked {report.checked} files, {len(report.bad)} bad (moved to quarantine/)"]
     lines += [f"  {k}: {r}" for k, r in report.bad.items()]
+    lines += _exposure_lines(report.exposed)
     _emit(args, report, "\n".join(lines))
     return 1 if report.bad else 0
+
+
+def _exposure_lines(exposed: dict[str, str], shown: int = 10) -> list[str]:
+    if not exposed:
+        return []
+    lines = [f"WARNING: {len(exposed)} paths are open to users the cache is not shared with; cached prompts "
+             f"can be recovered from them (see 'Privacy' in docs/operations.md: chmod -R go-rwx DIR, "
+             f"or --shared-group GROUP if the sharing is deliberate)"]
+    lines += [f"  {path}: {reason}" for path, reason in list(exposed.items())[:shown]]
+    if len(exposed) > shown:
+        lines.append(f"  ... and {len(exposed) - shown} more (--json lists all)")
+    return lines
 
 
 def cmd_prune(args) -> int:
@@ -100,13 +117,13 @@ def cmd_prune(args) -> int:
 
 
 def cmd_export(args) -> int:
-    n = cache_admin.export_archive(args.dir, args.archive, _progress(not args.json, "exporting"))
+    n = cache_admin.export_archive(args.dir, args.archive, _progress(not args.json, "exporting"), args.shared_group)
     _emit(args, {"exported": n, "archive": args.archive}, f"exported {n} entries to {args.archive}")
     return 0
 
 
 def cmd_import(args) -> int:
-    r = cache_admin.import_archive(args.archive, args.dir, _progress(not args.json, "importing"))
+    r = cache_admin.import_archive(args.archive, args.dir, _progress(not args.json, "importing"), args.shared_group)
     lines = [f"imported {r.imported}, skipped {r.skipped_existing} already present, rejected {len(r.rejected)}"]
     lines += [f"  {k}: {v}" for k, v in r.rejected.items()]
     _emit(args, r, "\n".join(lines))
@@ -120,6 +137,12 @@ def cmd_prepopulate(args) -> int:
     _emit(args, r, f"{r.prompts} prompts: {r.chunks_written} chunks written, {r.chunks_present} already present, "
                    f"{r.skipped} skipped")
     return 0
+
+
+def _add_shared_group(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shared-group", default=os.environ.get("LMCACHE_SHARED_DIR_GROUP") or None,
+                   help="the group the directory is deliberately shared with (the servers' shared_dir_group); "
+                        "default: private to the user")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every file; bad ones go to quarantine/ (exit 1 if any)")
     p.add_argument("dir")
     p.add_argument("--threads", type=int, default=4)
+    _add_shared_group(p)
     p.set_defaults(fn=cmd_verify)
     p = sub.add_parser("prune", help="remove entries by model, idle age, or to fit a size")
     p.add_argument("dir")
@@ -148,10 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the cache to one tar archive")
     p.add_argument("dir")
     p.add_argument("archive")
+    _add_shared_group(p)
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("import", help="add an archive's verified entries to a cache directory")
     p.add_argument("archive")
     p.add_argument("dir")
+    _add_shared_group(p)
     p.set_defaults(fn=cmd_import)
     p = sub.add_parser("prepopulate", help="compute KV for a JSONL of prompts with transformers and store it")
     p.add_argument("--model", required=True, help="a local Hugging Face model directory")

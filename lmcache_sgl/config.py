@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from .storage.file_modes import resolve_group
+from .storage.remote_tier import URL_SCHEMES, redact_url
 
 ENV_PREFIX = "LMCACHE_"
 TOOL_ENV_PREFIX = "LMCACHE_SGL_"  # the project's own switches (shims, model cache), not config keys
@@ -28,6 +31,8 @@ GiB = 1 << 30
 CACHE_POLICIES = ("LRU", "FIFO", "LFU")
 DISK_CODECS = ("lz4", "zstd", "none")
 LOAD_POLICIES = ("auto", "always")
+PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
+DISK_WRITE_POLICIES = ("write_through", "write_back")
 
 
 class ConfigError(ValueError):
@@ -49,13 +54,19 @@ class CacheConfig:
     local_disk: str | None = None
     # Disk tier budget in GiB (LMCache: max_local_disk_size).
     max_local_disk_size: float = 20.0
-    # Remote tier, e.g. "redis://127.0.0.1:6379"; None disables it (LMCache: remote_url).
+    # A group name or gid the disk directory is shared with (dirs 2770, files 0660, that group);
+    # None: private to the user (dirs 0700, files 0600).
+    shared_dir_group: str | None = None
+    # Remote tier, "redis://[user:pass@]host:port[/db]" or "rediss://..." (TLS); None disables it
+    # (LMCache: remote_url). Logged only with its password redacted.
     remote_url: str | None = None
     # Connect and read timeout of each Redis call, ms: the longest an engine thread waits on a silent server.
     remote_timeout_ms: int = 250
     # Cap of the circuit breaker's back-off, s: after a failure, Redis is skipped (a miss) for a back-off
     # that doubles from 0.5 s up to this cap, then probed once.
     remote_backoff_max_s: float = 30.0
+    # Seconds a Redis entry lives after it is written (SET EX); None: until Redis evicts it.
+    remote_ttl_s: int | None = field(default=None, metadata={"kind": int})
     # Eviction order of the host and disk tiers (LMCache: cache_policy).
     cache_policy: str = "LRU"
     # Seconds between rescans of the disk directory's real content before trimming (0: rescan on every trim).
@@ -70,8 +81,20 @@ class CacheConfig:
     load_policy: str = "auto"
     # Bounded queue of pending disk/remote writes; a put that finds it full is dropped and counted.
     max_pending_writes: int = 64
+    # "write_through": every put is also queued at once for disk and Redis (durable within about
+    # max_pending_writes chunk writes); "write_back": a chunk goes down only when the host tier evicts it.
+    disk_write_policy: str = "write_through"
+    # Seconds a stop (SIGTERM/SIGINT, shutdown, /flush_cache) may spend writing chunks to disk.
+    shutdown_flush_timeout_s: float = 30.0
     # Threads for compression and file I/O.
     io_threads: int = 4
+    # When a request whose store hit lies on disk or Redis is admitted (SGLang, HiCache's names):
+    # "best_effort": with what reached host memory, waiting only while nothing else runs;
+    # "wait_complete": once every chunk is in host memory (or the read failed);
+    # "timeout": like wait_complete for at most prefetch_timeout_ms, then with what arrived.
+    prefetch_policy: str = "best_effort"
+    # The wait limit of prefetch_policy "timeout", ms from the request's first admission attempt.
+    prefetch_timeout_ms: int = 1000
 
     def __post_init__(self) -> None:
         _require(self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1")
@@ -81,16 +104,30 @@ class CacheConfig:
         _require(self.cache_policy in CACHE_POLICIES, "cache_policy", self.cache_policy, f"one of {CACHE_POLICIES}")
         _require(self.disk_codec in DISK_CODECS, "disk_codec", self.disk_codec, f"one of {DISK_CODECS}")
         _require(self.load_policy in LOAD_POLICIES, "load_policy", self.load_policy, f"one of {LOAD_POLICIES}")
+        _require(self.disk_write_policy in DISK_WRITE_POLICIES, "disk_write_policy", self.disk_write_policy,
+                 f"one of {DISK_WRITE_POLICIES}")
+        _require(self.shutdown_flush_timeout_s > 0, "shutdown_flush_timeout_s", self.shutdown_flush_timeout_s,
+                 "seconds > 0")
         _require(self.max_pending_writes >= 1, "max_pending_writes", self.max_pending_writes, "an integer >= 1")
         _require(self.io_threads >= 1, "io_threads", self.io_threads, "an integer >= 1")
+        _require(self.prefetch_policy in PREFETCH_POLICIES, "prefetch_policy", self.prefetch_policy,
+                 f"one of {PREFETCH_POLICIES}")
+        _require(self.prefetch_timeout_ms >= 0, "prefetch_timeout_ms", self.prefetch_timeout_ms, "an integer >= 0 (ms)")
         _require(self.remote_timeout_ms >= 1, "remote_timeout_ms", self.remote_timeout_ms, "an integer >= 1 (ms)")
         _require(self.remote_backoff_max_s > 0, "remote_backoff_max_s", self.remote_backoff_max_s, "seconds > 0")
         _require(self.disk_rescan_interval_s >= 0, "disk_rescan_interval_s", self.disk_rescan_interval_s,
                  "seconds >= 0")
-        _require(self.remote_url is None or self.remote_url.startswith("redis://"), "remote_url",
-                 self.remote_url, "a URL of the form redis://host:port[/db]")
+        _check_remote_url(self.remote_url)
+        _require(self.remote_ttl_s is None or self.remote_ttl_s > 0, "remote_ttl_s", self.remote_ttl_s,
+                 "whole seconds > 0, or unset")
+        _check_group(self.shared_dir_group)
         if self.local_disk is not None and self.local_disk.startswith("file://"):
             object.__setattr__(self, "local_disk", self.local_disk[len("file://"):])
+
+    def __repr__(self) -> str:
+        shown = {f: getattr(self, f) for f in _FIELDS}
+        shown["remote_url"] = self.remote_url and redact_url(self.remote_url)
+        return f"CacheConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @property
     def host_bytes(self) -> int:
@@ -165,7 +202,7 @@ def _convert(key: str, raw: Any) -> Any:
         if default is None:
             return None
         raise ConfigError(f"{key} must not be empty")
-    kind = type(default) if default is not None else str
+    kind = _FIELDS[key].metadata.get("kind") or (type(default) if default is not None else str)
     if kind is bool:
         return _to_bool(key, raw)
     try:
@@ -188,6 +225,25 @@ def _to_bool(key: str, raw: Any) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{key}={raw!r} is not a boolean; allowed: true/false, 1/0, yes/no, on/off")
+
+
+def _check_remote_url(url: str | None) -> None:
+    """The URL is only ever shown redacted: it may carry a password."""
+    if url is None:
+        return
+    scheme, sep, rest = url.partition("://")
+    host = rest.partition("?")[0].rpartition("@")[2].partition("/")[0]
+    if not sep or scheme not in URL_SCHEMES or not host:
+        raise ConfigError(f"remote_url={redact_url(url)!r} is invalid; allowed: a URL of the form "
+                          f"redis://host:port[/db] or rediss://host:port[/db] (TLS), credentials as user:password@host")
+
+
+def _check_group(group: str | None) -> None:
+    if group is not None:
+        try:
+            resolve_group(group)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:

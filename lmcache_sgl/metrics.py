@@ -33,6 +33,7 @@ class Counters:
     encoded_bytes_written: int = 0
     corrupt_chunks: int = 0  # failed verification: never served
     cut_by_cost: int = 0  # lookups shortened because recompute beats loading
+    write_through_dropped: int = 0  # write-throughs refused by a full queue; the chunk stays dirty in host RAM
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,7 @@ class StoreStats:
     remote_errors: int
     remote_breaker_trips: int  # the remote tier stopped answering and was skipped for a back-off
     pending_writes: int
+    write_through_dropped: int = 0  # see Counters
 
     @property
     def compression_ratio(self) -> float:

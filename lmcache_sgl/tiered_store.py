@@ -7,12 +7,19 @@ Contract (all methods thread-safe):
     (write-back): each is copied out, queued for the writer, and its slot
     reused. A put that finds neither a free slot nor room in the write queue
     is dropped and counted; committed data is never discarded for it.
+    With ``disk_write_policy: write_through`` (the default) a put into the host
+    tier is also queued for the writer at once: the writer drains the queue
+    continuously, so the chunk reaches disk within about ``max_pending_writes``
+    chunk writes, and the host entry stays (clean once written). A write-through
+    that finds the queue full is counted (``write_through_dropped``) and the
+    entry stays dirty, so its eviction or a flush still writes it: no data loss.
   - ``lookup`` counts the leading keys present in any tier; it moves no data.
   - ``get`` returns the leading chunks as CPU tensors (private copies), stops at
     the first miss, promotes disk/remote hits into the host tier, and verifies
     every loaded chunk: a corrupt one is quarantined and is a miss.
   - ``flush`` writes everything down (pending writes and dirty host entries), so
-    a new process on the same directory finds it. ``close`` flushes and stops.
+    a new process on the same directory finds it, within an optional time limit.
+    ``close`` flushes and stops.
   - A failed write loses nothing silently: the chunk stays in memory (a dirty
     host entry, or a pending write) and is retried by the next flush, eviction,
     or put after a back-off, at most ``MAX_WRITE_ATTEMPTS`` times; then it is
@@ -42,6 +49,7 @@ from .cost_model import CostModel
 from .keys import token_bytes
 from .layout import ChunkLayout
 from .metrics import Counters, StoreStats, Tier
+from .prefetch import PrefetchHandle, Prefetcher
 from .storage.chunk_file import CorruptChunk, decode_chunk, max_blob_bytes
 from .storage.disk_tier import DiskTier
 from .storage.host_tier import HostEntry, HostTier, Loan
@@ -52,7 +60,7 @@ log = logging.getLogger(__name__)
 
 TokenIds = Sequence[int] | np.ndarray
 
-__all__ = ["Tier", "Loan", "LookupResult", "TieredStore"]
+__all__ = ["Tier", "Loan", "LookupResult", "FlushReport", "TieredStore"]
 
 
 def _copy_out(src: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
@@ -73,6 +81,12 @@ class LookupResult(NamedTuple):
     tiers: tuple[Tier, ...]  # the tier of each hit, fastest first
 
 
+class FlushReport(NamedTuple):
+    written: int  # chunks written down during the flush (by it or by the writer thread)
+    unwritten: int  # chunks still only in memory afterwards: dirty host entries and pending writes
+    timed_out: bool  # the time limit ended the flush before everything was attempted
+
+
 class TieredStore:
     def __init__(self, config: CacheConfig, layout: ChunkLayout) -> None:
         if layout.chunk_size != config.chunk_size:
@@ -85,15 +99,21 @@ class TieredStore:
         self.cost = CostModel(config.load_policy)
         self._pending: dict[str, PendingWrite] = {}  # queued for write-back, still servable
         self._retry = RetryQueue(config.max_pending_writes)  # failed, not queued; a subset of _pending
+        # Write-through jobs in the writer's queue whose chunk is still a (dirty) host entry.
+        # Invariant: _through[k] is queued and k is in the host tier; eviction moves it to _pending.
+        self._through: dict[str, PendingWrite] = {}
         self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="lmcache-sgl-io")
+        self._prefetcher = Prefetcher(self, config.io_threads)
         self._host = HostTier(config.host_bytes, layout.chunk_bytes, config.cache_policy) \
             if config.host_bytes >= layout.chunk_bytes else None
         self._disk = self._open_disk(config)
         self._remote = RemoteTier(config.remote_url, config.remote_timeout_ms / 1000,
-                                  config.remote_backoff_max_s) if config.remote_url else None
+                                  config.remote_backoff_max_s, config.remote_ttl_s) if config.remote_url else None
         sinks = [s for s in (self._disk, self._remote) if s is not None]
         self._writer = WriteBack(sinks, self._fingerprint, config.disk_codec, config.byte_shuffle,
                                  config.max_pending_writes, self._pool, self._write_done) if sinks else None
+        self._write_through = (config.disk_write_policy == "write_through" and self._writer is not None
+                               and self._host is not None)  # without a host tier every put is queued anyway
 
     @staticmethod
     def _open_disk(config: CacheConfig) -> DiskTier | None:
@@ -101,7 +121,7 @@ class TieredStore:
             return None
         try:
             return DiskTier(config.local_disk, config.disk_bytes, config.cache_policy,
-                            rescan_interval_s=config.disk_rescan_interval_s)
+                            rescan_interval_s=config.disk_rescan_interval_s, shared_group=config.shared_dir_group)
         except OSError as e:  # unreadable or unwritable directory: serve without it
             log.error("disk tier disabled: cannot use local_disk=%r: %s", config.local_disk, e)
             return None
@@ -114,7 +134,8 @@ class TieredStore:
         self._check_chunk(kv, len(tok) // 4)
         if self.contains(key) is not None:
             return True
-        kv = kv.detach().to("cpu")
+        # Write-through hands this tensor to the writer: it must be a private copy.
+        kv = kv.detach().to("cpu", copy=self._write_through)
         with self._lock:
             if key in self._pending or (self._host is not None and key in self._host):
                 return True
@@ -132,7 +153,15 @@ class TieredStore:
         if not self._make_room_locked():
             return False
         self._host.insert(key, kv, tok, start_pos, dirty=self._writer is not None)
+        if self._write_through:
+            self._write_through_locked(PendingWrite(key, kv, tok, start_pos))
         return True
+
+    def _write_through_locked(self, job: PendingWrite) -> None:
+        if self._writer.submit(job):
+            self._through[job.key] = job
+        else:
+            self._counters.write_through_dropped += 1  # the entry stays dirty: eviction or flush writes it
 
     def _check_chunk(self, kv: torch.Tensor, num_tokens: int) -> None:
         if not 1 <= num_tokens <= self.layout.chunk_size:
@@ -156,7 +185,10 @@ class TieredStore:
             if not victims:
                 return False  # every entry is pinned
             key, entry = victims[0]
-            if entry.dirty:
+            through = self._through.pop(key, None)
+            if through is not None:
+                self._pending[key] = through  # already queued: served from its copy until written
+            elif entry.dirty:
                 job = PendingWrite(key, self._host.view(entry).clone(), entry.token_ids, entry.start_pos,
                                    entry.write_failures)
                 if not self._queue_locked(job):
@@ -168,6 +200,12 @@ class TieredStore:
     def _write_done(self, job: PendingWrite, result: WriteResult) -> None:
         with self._lock:
             self._record_write_locked(result)
+            if self._through.get(job.key) is job:
+                del self._through[job.key]
+                entry = self._host.entry(job.key)
+                if entry is not None:
+                    self._settle_dirty_locked(job.key, entry, result.ok)  # a failure: dirty, retried later
+                return
             if self._pending.get(job.key) is not job:
                 return  # removed meanwhile
             retry = None if result.ok else self._retry.keep(job)
@@ -322,6 +360,11 @@ class TieredStore:
                 self._host.insert(key, kv, header.token_ids, header.start_pos, dirty=False)
         return kv
 
+    def prefetch(self, keys: Sequence[str],
+                 token_ids_per_key: Sequence[TokenIds] | None = None) -> PrefetchHandle:
+        """Start reading the leading chunks into pinned host slots on background threads (``prefetch.py``)."""
+        return self._prefetcher.start(keys, token_ids_per_key)
+
     @contextmanager
     def borrow(self, keys: Sequence[str], token_ids_per_key: Sequence[TokenIds] | None = None):
         """Yield a ``Loan`` of the leading chunks: views of their host slots, not copies.
@@ -407,6 +450,7 @@ class TieredStore:
         self.flush_pending()
         with self._lock:
             self._pending.pop(key, None)
+            self._through.pop(key, None)
             self._retry.pop(key)
             if self._host is not None:
                 self._host.reap()
@@ -419,6 +463,7 @@ class TieredStore:
         self.flush_pending()
         with self._lock:
             self._pending.clear()
+            self._through.clear()
             self._retry.clear()
             if self._host is not None:
                 self._host.reap()
@@ -433,14 +478,32 @@ class TieredStore:
         if self._writer is not None:
             self._writer.drain()
 
-    def flush(self) -> None:
+    def flush(self, timeout_s: float | None = None) -> FlushReport:
         """Write all pending and dirty host chunks down, so another process finds them.
 
-        A chunk whose write fails stays in memory (dirty) for the next retry.
+        A chunk whose write fails stays in memory (dirty) for the next retry. With
+        ``timeout_s`` the flush runs on its own thread and this returns after at
+        most that long; what is unwritten by then stays in memory (and the thread
+        goes on writing it).
         """
-        self.flush_pending()
         if self._writer is None:
-            return
+            return FlushReport(0, 0, False)
+        with self._lock:
+            before = self._counters.writebacks
+        if timeout_s is None:
+            self._flush_all()
+            timed_out = False
+        else:
+            worker = threading.Thread(target=self._flush_all, name="lmcache-sgl-flush", daemon=True)
+            worker.start()
+            worker.join(timeout_s)
+            timed_out = worker.is_alive()
+        with self._lock:
+            dirty = sum(self._host.entry(k).dirty for k in self._host.keys()) if self._host is not None else 0
+            return FlushReport(self._counters.writebacks - before, dirty + len(self._pending), timed_out)
+
+    def _flush_all(self) -> None:
+        self.flush_pending()
         with self._lock:
             retries = self._retry.take_all()
         for job in retries:
@@ -475,8 +538,10 @@ class TieredStore:
             entry.dirty = False  # given up: the next eviction drops it, knowingly
             self._abandon_locked(key, entry.write_failures)
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, timeout_s: float | None = None) -> None:
+        """Flush (within ``timeout_s``, if given) and stop; what is still unwritten then is lost and logged."""
+        self._prefetcher.close()  # first: its threads read tiers that close shuts down
+        flushed = self.flush(timeout_s)
         with self._lock:
             if self._host is not None:
                 self._host.wait_for_loans()  # no transfer may read the slots once they are freed
@@ -484,14 +549,16 @@ class TieredStore:
             else:
                 unwritten = 0
             unwritten += len(self._retry)
+            if flushed.timed_out:
+                unwritten = flushed.unwritten  # the flush thread and the writer still run: don't wait for them
             if unwritten:
                 self._counters.writes_abandoned += unwritten
                 log.error("closing with %d chunks that could not be written down; they are lost", unwritten)
-        if self._writer is not None:
+        if self._writer is not None and not flushed.timed_out:
             self._writer.close()
         if self._remote is not None:
             self._remote.close()
-        self._pool.shutdown()
+        self._pool.shutdown(wait=not flushed.timed_out)
 
     def __enter__(self) -> "TieredStore":
         return self
@@ -519,4 +586,5 @@ class TieredStore:
                 disk_write_errors=disk.write_errors if disk is not None else 0,
                 remote_errors=remote.errors if remote is not None else 0,
                 remote_breaker_trips=remote.breaker_trips if remote is not None else 0,
-                pending_writes=len(self._pending))
+                pending_writes=len(self._pending) + len(self._through),
+                write_through_dropped=c.write_through_dropped)

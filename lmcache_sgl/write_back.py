@@ -1,9 +1,13 @@
 """The background writer: encodes chunks and writes them to the lower tiers.
 
-Callers hand over a private copy of a chunk (``PendingWrite``); the writer
-thread encodes it once and writes the same blob to disk and remote. The queue
-is bounded: ``submit`` never blocks, it returns False when the queue is full.
-While a chunk waits, the store serves it from ``PendingWrite.kv``.
+Callers hand over a private copy of a chunk (``PendingWrite``): an evicted
+host entry (write-back) or, under ``disk_write_policy: write_through``, every
+put. The writer thread drains the queue continuously, encoding each chunk once
+and writing the same blob to disk and remote, so a chunk is durable (fsynced
+and renamed into place) about (its queue position + 1) chunk writes after
+``submit``: at most ``max_pending_writes`` of them. The queue is bounded:
+``submit`` never blocks, it returns False when the queue is full. While a
+chunk waits, the store serves it from ``PendingWrite.kv``.
 
 A write succeeds when at least one sink stored the blob (the chunk then
 survives leaving memory). ``write_now`` never raises: an encode error, a sink

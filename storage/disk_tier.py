@@ -21,6 +21,10 @@
   and forgets files removed behind the count's back (``prune``, ``rm``, a
   crash). Opening a directory rescans it and trims it to the budget at once.
 - Bad files are moved to ``<root>/quarantine/`` and are never served.
+- Private by default: what the tier creates (directories, chunk and temporary
+  files, the usage file) is ``0700``/``0600``, or ``2770``/``0660`` owned by
+  ``shared_group``; see ``file_modes.py``. An existing root keeps its mode (a
+  warning names one that others can read).
 
 Thread-safe: an internal lock guards the index; file I/O runs outside it.
 Lock order: ``_dir_lock`` (this process's side of the flock), the flock, ``_lock``.
@@ -43,6 +47,7 @@ from typing import Callable, Iterator, NamedTuple
 
 from .chunk_file import CorruptChunk
 from .eviction import make_policy
+from .file_modes import create_file, exposure, file_modes, make_dir, make_dirs, open_or_create
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +100,13 @@ def _read_usage(fd: int) -> int | None:
 
 class DiskTier:
     def __init__(self, root: str | os.PathLike, budget_bytes: int, policy: str,
-                 rescan_interval_s: float = 30.0) -> None:
+                 rescan_interval_s: float = 30.0, shared_group: str | int | None = None) -> None:
         if rescan_interval_s < 0:
             raise ValueError(f"rescan_interval_s={rescan_interval_s!r} is invalid; allowed: seconds >= 0")
         self.root = Path(root)
         self.budget_bytes = budget_bytes
         self.rescan_interval_s = rescan_interval_s
+        self.modes = file_modes(shared_group)  # ValueError: unknown group
         self._lock = threading.Lock()
         self._dir_lock = threading.Lock()  # flock excludes processes, not the threads of one
         self._sizes: dict[str, int] = {}  # the files this process knows; a subset of the directory
@@ -111,10 +117,17 @@ class DiskTier:
         self.quarantined = 0
         self.evictions = 0
         self.write_errors = 0
-        self.root.mkdir(parents=True, exist_ok=True)  # OSError here: the caller disables the tier
+        make_dirs(self.root, self.modes)  # OSError here: the caller disables the tier
+        self._warn_if_exposed()
         with self._directory() as fd:
             self._trim_locked(fd, self._rescan_locked(), rescanned=True)
         log.info("disk tier %s: %d chunks, %.1f MiB", self.root, len(self._sizes), self.used_bytes / 2**20)
+
+    def _warn_if_exposed(self) -> None:
+        reason = exposure(self.root.stat(), self.modes.gid)
+        if reason:
+            log.warning("disk tier %s is readable beyond its owner (%s); cached prompts can be read from it. "
+                        "See 'Privacy' in docs/operations.md", self.root, reason)
 
     def path(self, key: str) -> Path:
         return chunk_path(self.root, key)
@@ -123,7 +136,7 @@ class DiskTier:
     def _directory(self) -> Iterator[int]:
         """Hold the directory's lock, shared with every process; yields the usage file's descriptor."""
         with self._dir_lock:
-            fd = os.open(self.root / USAGE_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_or_create(self.root / USAGE_FILE, self.modes)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield fd
@@ -235,8 +248,8 @@ class DiskTier:
         final = self.path(key)
         tmp = final.with_name(f"{final.name}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         try:
-            final.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as f:
+            make_dir(final.parent, self.modes)
+            with os.fdopen(create_file(tmp, self.modes), "wb") as f:
                 f.write(blob)
                 f.flush()
                 os.fsync(f.fileno())
@@ -287,7 +300,7 @@ class DiskTier:
         def move_out() -> int:
             try:
                 size = path.stat().st_size
-                dest.parent.mkdir(exist_ok=True)
+                make_dir(dest.parent, self.modes)
                 os.replace(path, dest)
                 return size
             except FileNotFoundError:

@@ -8,14 +8,20 @@ Bounded waits: each call has a connect and read timeout and no retries, and a
 circuit breaker skips the server after a failure (see ``CircuitBreaker``), so a
 Redis that stops answering costs a caller at most one timeout per back-off
 period; while the breaker is open, every call answers a miss at once.
+
+Credentials: the URL may carry them (``redis://user:pass@host:port/db``,
+``rediss://`` for TLS). Only ``redact_url``'s form of it is ever logged or put
+in an error message, and errors from the client are scrubbed of the password.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from typing import Callable, Sequence, TypeVar
+from urllib.parse import unquote
 
 from .chunk_file import CorruptChunk
 
@@ -24,6 +30,39 @@ log = logging.getLogger(__name__)
 _NAMESPACE = "lmcsgl:"
 BACKOFF_BASE_S = 0.5  # the first open period; it doubles on each failed probe
 T = TypeVar("T")
+URL_SCHEMES = ("redis", "rediss")  # rediss: TLS
+_QUERY_SECRET = re.compile(r"(?i)((?:^|&)[^=&]*password=)([^&#]*)")  # redis-py reads ?password=... too
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (scheme, user, host, port, db kept); safe to log.
+
+    ``redis://user:pass@host:6379/0`` -> ``redis://user:***@host:6379/0``. Userinfo without a
+    colon is hidden whole (it may be a bare token), and so are ``password=`` query values.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return f"***@{url.rpartition('@')[2]}" if "@" in url else url
+    before_query, q, query = rest.partition("?")
+    userinfo, at, host_path = before_query.rpartition("@")
+    if at:
+        user = userinfo.partition(":")[0] if ":" in userinfo else ""
+        before_query = f"{user}:***@{host_path}" if user else f"***@{host_path}"
+    return f"{scheme}://{before_query}{q}{_QUERY_SECRET.sub(_hide_value, query)}"
+
+
+def _hide_value(m: re.Match) -> str:
+    return m.group(1) + "***"
+
+
+def url_secrets(url: str) -> list[str]:
+    """Every password the URL carries, raw and percent-decoded: what to scrub from messages."""
+    rest = url.partition("://")[2]
+    before_query, _, query = rest.partition("?")
+    userinfo = before_query.rpartition("@")[0]
+    found = [userinfo.partition(":")[2] if ":" in userinfo else userinfo]
+    found += [m.group(2) for m in _QUERY_SECRET.finditer(query)]
+    return sorted({v for s in found if s for v in (s, unquote(s))}, key=len, reverse=True)
 
 
 class CircuitBreaker:
@@ -73,17 +112,26 @@ class CircuitBreaker:
 
 
 class RemoteTier:
-    def __init__(self, url: str, timeout_s: float = 0.25, backoff_max_s: float = 30.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 0.25, backoff_max_s: float = 30.0,
+                 ttl_s: int | None = None) -> None:
+        self.url = redact_url(url)  # the only form of the URL this object shows
+        self._secrets = url_secrets(url)
+        if ttl_s is not None and ttl_s <= 0:
+            raise ValueError(f"remote_ttl_s={ttl_s!r} is invalid; allowed: seconds > 0, or unset")
+        self.ttl_s = ttl_s  # None: entries live until Redis evicts them
         try:
             import redis
             from redis.backoff import NoBackoff
             from redis.retry import Retry
         except ImportError as e:
-            raise ValueError(f"remote_url={url!r} needs the redis client: pip install 'lmcache_sgl[redis]'") from e
-        self.url = url
+            hint = "pip install 'lmcache_sgl[redis]'"
+            raise ValueError(f"remote_url={self.url!r} needs the redis client: {hint}") from e
         # No retries: a retry would multiply the time a caller waits on a silent server.
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                            retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
+        try:
+            self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                                retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
+        except ValueError as e:  # a malformed URL; redis-py's message may quote it
+            raise ValueError(f"remote_url={self.url!r} is invalid: {self._scrub(str(e))}") from None
         self._breaker = CircuitBreaker(BACKOFF_BASE_S, backoff_max_s)
         self._errors_lock = threading.Lock()
         self.errors = 0
@@ -108,8 +156,13 @@ class RemoteTier:
         with self._errors_lock:
             self.errors += 1
         tripped = self._breaker.record_failure()
-        log.warning("remote tier %s: %s %s failed: %s%s", self.url, op, key, e,
+        log.warning("remote tier %s: %s %s failed: %s%s", self.url, op, key, self._scrub(str(e)),
                     "; skipping the server for a back-off" if tripped else "")
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def contains(self, key: str) -> bool:
         return self.contains_many([key])[0]
@@ -140,7 +193,7 @@ class RemoteTier:
         return blob or None
 
     def write(self, key: str, blob: bytes) -> bool:
-        return self._call("set", key, lambda: bool(self._client.set(_NAMESPACE + key, blob)), False)
+        return self._call("set", key, lambda: bool(self._client.set(_NAMESPACE + key, blob, ex=self.ttl_s)), False)
 
     def remove(self, key: str) -> None:
         self._call("delete", key, lambda: self._client.delete(_NAMESPACE + key), None)

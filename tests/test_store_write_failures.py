@@ -54,7 +54,8 @@ def _on_disk(root, key) -> bool:
 def test_flush_keeps_a_failed_write_dirty_until_the_disk_works(layout, tmp_path, monkeypatch):
     """A flush whose disk write fails counts no writeback; the chunk reaches disk once the disk works."""
     keys, toks, kvs = prompt_chunks(layout, 3)
-    with TieredStore(store_config(layout, host_chunks=2, disk_dir=tmp_path, disk_chunks=100), layout) as store:
+    with TieredStore(store_config(layout, host_chunks=2, disk_dir=tmp_path, disk_chunks=100,
+                                  disk_write_policy="write_back"), layout) as store:  # one write: the flush's
         sink = _broken_disk(store, monkeypatch)
         assert store.put(keys[0], toks[0], kvs[0])
         store.flush()
@@ -165,7 +166,8 @@ def test_disk_write_under_a_file_where_the_subdirectory_belongs_returns_false(la
 def test_a_flush_that_cannot_write_leaves_no_pin_behind(layout, tmp_path, monkeypatch, failure):
     """After a failed flush the entry is evictable again: a put that needs its slot succeeds."""
     keys, toks, kvs = prompt_chunks(layout, 2)
-    with TieredStore(store_config(layout, host_chunks=1, disk_dir=tmp_path, disk_chunks=100), layout) as store:
+    with TieredStore(store_config(layout, host_chunks=1, disk_dir=tmp_path, disk_chunks=100,
+                                  disk_write_policy="write_back"), layout) as store:  # one write: the flush's
         if failure == "blocked_dir":
             (tmp_path / keys[0][:2]).write_text("not a directory")
         else:

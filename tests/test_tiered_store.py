@@ -39,7 +39,7 @@ def test_lookup_and_get_stop_at_the_first_miss(layout):
 
 def test_host_overflow_writes_back_to_disk(layout, tmp_path):
     keys, toks, kvs = prompt_chunks(layout, 10)
-    cfg = store_config(layout, host_chunks=3, disk_dir=tmp_path, disk_chunks=100)
+    cfg = store_config(layout, host_chunks=3, disk_dir=tmp_path, disk_chunks=100, disk_write_policy="write_back")
     with TieredStore(cfg, layout) as store:
         for k, t, kv in zip(keys, toks, kvs):
             assert store.put(k, t, kv)

@@ -11,8 +11,17 @@ shims, which change nothing on CUDA machines):
              the real ``lmcache`` package (``mem_cache/registry.py``), which is
              neither needed nor installed.
   scheduler  the ``lmcache_sgl`` radix backend builds ``TieredRadixCache``;
+             ``Scheduler.init_schedule_policy`` (AFTER): with our tree, turns on the
+             scheduler's own prefetch path (``Scheduler.enable_lmcache``, the
+             instance attribute only: ``_prefetch_kvcache`` at queue time and the
+             ``check_prefetch_progress`` admission gate), so disk and Redis reads
+             run on the store's threads while the request waits;
              ``get_cached_tokens_details`` (AFTER) tags the per-tier breakdown
-             in each response's ``meta_info``.
+             in each response's ``meta_info``; ``Scheduler.run_event_loop``
+             (BEFORE) installs the SIGTERM/SIGINT handlers that persist the
+             cache on a stop (``persist.py``).
+  detokenizer  ``DetokenizerManager.__init__`` (AFTER): outlives a process-group
+             SIGTERM while the scheduler flushes (``persist.outlive_group_stop``).
 
 A plugin that raises inside ``load()`` is only logged by SGLang, so every
 check that must stop a launch runs in the ``resolve_once`` hook instead.
@@ -31,6 +40,9 @@ BACKEND_NAME = "lmcache_sgl"
 _RESOLVE_TARGET = "sglang.srt.server_args.ServerArgs.resolve_once"
 _DETAILS_TARGET = ("sglang.srt.managers.scheduler_components.output_streamer."
                    "SchedulerOutputStreamer.get_cached_tokens_details")
+_SCHEDULER_TARGET = "sglang.srt.managers.scheduler.Scheduler.init_schedule_policy"
+_LOOP_TARGET = "sglang.srt.managers.scheduler.Scheduler.run_event_loop"
+_DETOKENIZER_TARGET = "sglang.srt.managers.detokenizer_manager.DetokenizerManager.__init__"
 
 
 class UnsupportedSGLang(RuntimeError):
@@ -66,6 +78,9 @@ def load() -> None:
                     sglang_version(), SUPPORTED_SGLANG)
     HookRegistry.register(_RESOLVE_TARGET, before_resolve_once, HookType.BEFORE)
     HookRegistry.register(_DETAILS_TARGET, after_cached_tokens_details, HookType.AFTER)
+    HookRegistry.register(_SCHEDULER_TARGET, after_init_schedule_policy, HookType.AFTER)
+    HookRegistry.register(_LOOP_TARGET, before_run_event_loop, HookType.BEFORE)
+    HookRegistry.register(_DETOKENIZER_TARGET, after_detokenizer_init, HookType.AFTER)
     _register_backend()
     cpu_shims.apply()  # last: its ValueError (a bad LMCACHE_SGL_CPU_EXTEND_ATTN) must not skip the hooks
 
@@ -104,6 +119,46 @@ def after_cached_tokens_details(details, streamer, req, *args, **kwargs):
     details.setdefault("storage", 0)
     details["storage_backend"] = BACKEND_NAME
     return details
+
+
+def after_init_schedule_policy(result, scheduler, *args, **kwargs):
+    """Route the scheduler's queue-time prefetch and admission gate to our tree (runs once, after the tree exists).
+
+    The flag is the scheduler's copy of ``--enable-lmcache`` (our launcher hook
+    cleared the server argument so SGLang never imports the real ``lmcache``);
+    with it the scheduler calls ``match_prefix`` when it queues a request,
+    ``check_prefetch_progress`` before admitting it, ``check_hicache_events``
+    each step and ``has_pending_cache_operations`` before idling.
+    """
+    tree = getattr(scheduler, "tree_cache", None)
+    if not _is_ours(tree):
+        return None
+    scheduler.enable_lmcache = True
+    tree.bind_engine_busy(lambda: not scheduler.running_batch.is_empty() or scheduler.chunked_req is not None)
+    return None
+
+
+def before_run_event_loop(scheduler, *args, **kwargs):
+    """In the scheduler's main thread, before serving: a stop signal persists the cache first."""
+    from .persist import StopSignals
+
+    tree = getattr(scheduler, "tree_cache", None)
+    if _is_ours(tree):
+        signals = StopSignals(scheduler, tree.link.store.config.shutdown_flush_timeout_s)
+        if signals.install():
+            tree.stop_signals = signals
+    return None
+
+
+def after_detokenizer_init(result, manager, server_args, *args, **kwargs):
+    """With our tree, the detokenizer outlives a group SIGTERM while the scheduler flushes."""
+    if getattr(server_args, "radix_cache_backend", None) != BACKEND_NAME:
+        return None
+    from ...config import CacheConfig
+    from .persist import outlive_group_stop
+
+    outlive_group_stop(CacheConfig.load(server_args.lmcache_config_file).shutdown_flush_timeout_s)
+    return None
 
 
 def _is_ours(tree_cache) -> bool:

@@ -2,12 +2,18 @@
 
 Protocol with the scheduler (sglang 0.5.23, the HiCache load-back path):
 
-1. ``match_prefix`` runs SGLang's device match, then asks the store for the
-   chunks that follow it. Hits are reported as ``host_hit_length`` (tokens
-   beyond the device match), so admission budgets for them.
-2. On admission the scheduler calls ``init_load_back``: the chunks are read,
-   scattered into newly allocated device slots and inserted into the tree, so
-   the tree owns them at once. It returns ``(loaded tokens, new last node)``;
+1. ``match_prefix`` runs SGLang's device match, then looks up the chunks
+   that follow it and starts (once per request) a prefetch: the store's
+   threads read disk and Redis hits into pinned host slots while the request
+   waits in the queue (the scheduler matches when it queues a request, since
+   the plugin turns on its prefetch path). Only chunks already in host memory
+   are reported, as ``host_hit_length`` (tokens beyond the device match), so
+   admission budgets for them and the scheduler thread never reads a file.
+2. ``check_prefetch_progress`` gates admission by ``prefetch_policy``
+   (``TierLink.admit``). On admission the scheduler calls ``init_load_back``:
+   the prefetched chunks are scattered into newly allocated device slots and
+   inserted into the tree, so the tree owns them at once, and the prefetch's
+   pins are dropped. It returns ``(loaded tokens, new last node)``;
    all promised tokens or none (a failed load is a logged miss and the
    request is prefilled). The scheduler raises on a partial commit
    (``schedule_policy.py``: "must commit all promised FULL tokens or none").
@@ -22,8 +28,9 @@ which SGLang turns into ``meta_info.cached_tokens_details``
 
 Tensor parallelism: each rank consults its own store, so both decisions taken
 from it are agreed with a MIN over the TP CPU group (``tp_agree``), as
-HiCache does: the hit length in ``match_prefix`` (inside ``TierLink.plan``)
-and the load's success in ``init_load_back``. If any rank could not stage the
+HiCache does: the hit length in ``match_prefix`` (inside ``TierLink.plan``),
+the prefetched length there too, the admission verdict, and the load's
+success in ``init_load_back``. If any rank could not stage the
 whole load, every rank frees its staged slots and prefills.
 
 Namespaced requests (LoRA ``extra_key``, ``cache_salt``) and EAGLE bigram keys
@@ -47,7 +54,8 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.unified_radix_cache import NodeId, UnifiedRadixCache
 
-from .tier_link import LoadPlan, Loaded, TierLink, token_array
+from .persist import StopSignals, persist
+from .tier_link import Loaded, LoadPlan, Prefetch, TierLink, token_array
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +73,10 @@ class TieredRadixCache(UnifiedRadixCache):
     def __init__(self, params, *, link: TierLink) -> None:
         self.link = link
         self._plans: dict[str, LoadPlan] = {}  # rid -> the hits its last match reported
-        super().__init__(params)
+        self._prefetches: dict[str, Prefetch] = {}  # rid -> its prefetch, from a match until admission or release
+        self._engine_busy = lambda: False  # bound to the scheduler's running batch by the plugin
+        super().__init__(params)  # calls reset() on an empty tree: nothing to persist yet
+        self.stop_signals: StopSignals | None = None  # set by the plugin in the scheduler process
         if self.page_size and link.chunk_size % self.page_size:
             raise ValueError(f"lmcache chunk_size={link.chunk_size} must be a multiple of --page-size={self.page_size}")
 
@@ -79,6 +90,11 @@ class TieredRadixCache(UnifiedRadixCache):
         plan = self.link.plan(token_array(params.key.raw_token_ids()), result.device_prefix_len)
         if plan is None:
             self._plans.pop(req.rid, None)
+            self._close_prefetch(req.rid)
+            return result
+        plan = self._arrived_part(req.rid, plan)
+        if plan is None:
+            self._plans.pop(req.rid, None)
             return result
         self._plans[req.rid] = plan
         anchor = result.last_device_node
@@ -86,12 +102,76 @@ class TieredRadixCache(UnifiedRadixCache):
                                host_hit_length=plan.hit_end - result.device_prefix_len,
                                full_kv_hit_length=max(result.full_kv_hit_length, plan.hit_end))
 
+    def _arrived_part(self, rid: str, plan: LoadPlan) -> LoadPlan | None:
+        """The leading part of ``plan`` that this request's prefetch holds in host memory on every rank.
+
+        Starts the prefetch on the request's first match. A collective under TP
+        (``plan`` was agreed, so every rank gets here).
+        """
+        prefetch = self._prefetches.get(rid)
+        if prefetch is not None and prefetch.plan.keys[:1] != plan.keys[:1]:
+            prefetch.close()  # the device match moved to another chunk: read from there
+            prefetch = None
+        if prefetch is None:
+            prefetch = self._prefetches[rid] = self.link.start_prefetch(plan)
+        arrived = self.link.agree.min(min(prefetch.arrived(), len(plan.keys)))  # [0, arrived) on every rank
+        hit_end = (plan.first_chunk + arrived) * self.link.chunk_size
+        admitting, prefetch.gate_open = prefetch.gate_open, False
+        if hit_end <= plan.device_len:
+            if admitting:
+                self._close_prefetch(rid)  # admitted without a load: nothing left to wait for
+            return None
+        return plan._replace(tokens=plan.tokens[:hit_end], keys=plan.keys[:arrived], hit_end=hit_end)
+
+    def check_prefetch_progress(self, request) -> bool:
+        """The scheduler's admission gate for a queued request (``prefetch_policy``); a collective under TP."""
+        prefetch = self._prefetches.get(request.rid)
+        if prefetch is None:
+            return True
+        try:
+            busy = bool(self._engine_busy())
+        except Exception:  # noqa: BLE001 - a scheduler we cannot read: assume busy, never stall admission
+            busy = True
+        prefetch.gate_open = self.link.admit(prefetch, busy)
+        return prefetch.gate_open
+
+    def prefetch_from_storage(self, *args, **kwargs):
+        return None  # our prefetch starts in match_prefix, where the scheduler's queue-time match lands
+
+    def release_aborted_request(self, request) -> None:
+        super().release_aborted_request(request)
+        self._plans.pop(request.rid, None)
+        self._close_prefetch(request.rid)
+
+    def has_pending_cache_operations(self) -> bool:
+        return any(not p.done() for p in self._prefetches.values())
+
+    def check_hicache_events(self) -> None:
+        """Per scheduler step: nothing to poll; prefetch progress is read at admission."""
+
+    def bind_engine_busy(self, busy) -> None:
+        """``busy()``: whether the engine has requests running, read by best_effort admission."""
+        self._engine_busy = busy
+
+    def _close_prefetch(self, rid: str) -> None:
+        prefetch = self._prefetches.pop(rid, None)
+        if prefetch is not None:
+            prefetch.close()
+
     def init_load_back(self, params: InitLoadBackParams):
         req = params.req
         plan = self._plans.pop(req.rid, None) if req is not None else None
-        if plan is None or params.host_hit_length <= 0:
-            return super().init_load_back(params)
-        staged = self._stage_quietly(plan, req)
+        prefetch = self._prefetches.pop(req.rid, None) if req is not None else None
+        try:
+            if plan is None or prefetch is None or params.host_hit_length <= 0:
+                return super().init_load_back(params)
+            return self._load_back(plan, prefetch, req)
+        finally:
+            if prefetch is not None:
+                prefetch.close()  # the load copied what it needed; the chunks stay in the host tier
+
+    def _load_back(self, plan: LoadPlan, prefetch: Prefetch, req):
+        staged = self._stage_quietly(plan, req, prefetch)
         # Collective: every rank holds this plan (its hit length was agreed in match_prefix).
         if not self.link.agree.min(int(staged is not None)):
             if staged is not None:
@@ -107,22 +187,22 @@ class TieredRadixCache(UnifiedRadixCache):
             adopted = None
         return adopted if adopted is not None else (0, req.last_node)
 
-    def _stage_quietly(self, plan: LoadPlan, req) -> Staged | None:
+    def _stage_quietly(self, plan: LoadPlan, req, prefetch: Prefetch) -> Staged | None:
         try:
-            return self._stage(plan, req)
+            return self._stage(plan, req, prefetch)
         except Exception:  # noqa: BLE001 - engine boundary: a failed load is a miss
             log.exception("lmcache_sgl: loading %d tokens for %s failed; prefilling instead",
                           plan.hit_end - plan.device_len, req.rid)
             return None
 
-    def _stage(self, plan: LoadPlan, req) -> Staged | None:
-        """Read the plan into fresh device slots; None (nothing held) unless all of it arrived."""
+    def _stage(self, plan: LoadPlan, req, prefetch: Prefetch) -> Staged | None:
+        """Copy the prefetched plan into fresh device slots; None (nothing held) unless all of it fits."""
         # The scheduler holds a lock on req.last_node, the device match's end.
         if req.prefix_len != plan.device_len:
             log.debug("lmcache_sgl: %s: device match moved %d -> %d; skipping the load",
                       req.rid, plan.device_len, req.prefix_len)
             return None
-        loaded = self.link.load(plan)
+        loaded = self.link.load_prefetched(plan, prefetch)
         if loaded is None:
             return None
         num_new = plan.hit_end - plan.device_len
@@ -192,19 +272,29 @@ class TieredRadixCache(UnifiedRadixCache):
 
     def on_release(self, req, *, checkpointed: bool) -> None:
         self._plans.pop(req.rid, None)  # matched but never admitted (aborted, finished elsewhere)
+        self._close_prefetch(req.rid)
         super().on_release(req, checkpointed=checkpointed)
 
     def reset(self) -> None:
-        """Drop the device tree (``/flush_cache``); the store keeps its chunks and writes them to disk."""
+        """``/flush_cache``: save the device tree's full chunks, write the store to disk, drop the tree."""
+        constructed = hasattr(self, "stop_signals")  # False inside UnifiedRadixCache.__init__
+        if constructed:
+            _quietly(lambda: persist(self, "/flush_cache", self.link.store.config.shutdown_flush_timeout_s),
+                     "persisting the cache")
         super().reset()
-        link = getattr(self, "link", None)
-        if link is not None:
+        if constructed:
             self._plans.clear()
-            _quietly(link.store.flush, "flushing the store")
+            for rid in list(self._prefetches):
+                self._close_prefetch(rid)
 
     def release_host_resources(self) -> None:
+        """Shutdown (SGLang's ShutdownReq, or our SIGTERM/SIGINT handler): persist, close, chain the signal."""
+        timeout_s = self.link.store.config.shutdown_flush_timeout_s
+        _quietly(lambda: persist(self, "shutdown", timeout_s), "persisting the cache")
         super().release_host_resources()
-        _quietly(self.link.store.close, "closing the store")
+        _quietly(lambda: self.link.store.close(timeout_s=1.0), "closing the store")  # flushed just above
+        if self.stop_signals is not None:
+            self.stop_signals.chain()
 
     def available_and_evictable_str(self) -> str:
         c = self.link.counters

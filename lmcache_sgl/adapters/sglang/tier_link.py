@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -25,6 +26,7 @@ import torch
 
 from ...keys import ModelFingerprint, prefix_keys
 from ...metrics import Tier
+from ...prefetch import PrefetchHandle
 from ...tiered_store import TieredStore
 from .device_kv import DeviceKV
 from .tp_agree import RankAgreement
@@ -46,6 +48,32 @@ class Loaded(NamedTuple):
     kv: torch.Tensor  # host [L, 2, hit_end - device_len, H, D]
     host_tokens: int  # of those tokens, how many came from the host tier
     disk_tokens: int  # ... and from disk (or remote)
+
+
+class Prefetch:
+    """A queued request's prefetch: the plan it reads (from chunk ``plan.first_chunk``) and its handle.
+
+    ``handle`` is None when the prefetch could not start: nothing arrives, it is done.
+    """
+
+    __slots__ = ("plan", "handle", "first_poll", "gate_open")
+
+    def __init__(self, plan: LoadPlan, handle: PrefetchHandle | None) -> None:
+        self.plan = plan
+        self.handle = handle
+        self.first_poll: float | None = None  # monotonic time of the first admission attempt
+        self.gate_open = False  # the admission gate let the request through; its next match is the admission's
+
+    def arrived(self) -> int:
+        """Leading planned chunks in host memory now."""
+        return self.handle.progress().ready if self.handle is not None else 0
+
+    def done(self) -> bool:
+        return self.handle is None or self.handle.progress().done
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.release()
 
 
 @dataclass
@@ -134,6 +162,59 @@ class TierLink:
             log.exception("lmcache_sgl: store lookup failed; treated as a miss")
             return 0
         return (first + hits) * self.chunk_size if hits else 0
+
+    # ---- prefetch (store -> host slots, off the scheduler thread) -----------
+
+    def start_prefetch(self, plan: LoadPlan) -> Prefetch:
+        """Start reading the plan's chunks into host memory; a failed start is a prefetch that brings nothing."""
+        c = self.chunk_size
+        spans = [plan.tokens[i * c:(i + 1) * c] for i in range(plan.first_chunk, plan.hit_end // c)]
+        try:
+            return Prefetch(plan, self.store.prefetch(plan.keys, spans))
+        except Exception:  # noqa: BLE001 - engine boundary: a failed prefetch is a miss
+            log.exception("lmcache_sgl: starting a prefetch of %d chunk(s) failed; treated as a miss", len(plan.keys))
+            return Prefetch(plan, None)
+
+    def admit(self, prefetch: Prefetch, engine_busy: bool) -> bool:
+        """Whether the request may be admitted now (``prefetch_policy``); a collective under TP.
+
+        Every rank admits together: all ranks' prefetches done, or (best_effort) the
+        engine has other work, or (timeout) any rank's wait ran out.
+        """
+        policy = self.store.config.prefetch_policy
+        now = time.monotonic()
+        if prefetch.first_poll is None:
+            prefetch.first_poll = now
+        if self.agree.min(int(prefetch.done())):
+            return True
+        if policy == "best_effort":
+            return engine_busy  # equal on every rank: the running batch is
+        if policy == "timeout":
+            expired = now - prefetch.first_poll >= self.store.config.prefetch_timeout_ms / 1000
+            return self.agree.min(int(not expired)) == 0  # MAX of expired: any rank timed out
+        return False
+
+    def load_prefetched(self, plan: LoadPlan, prefetch: Prefetch) -> Loaded | None:
+        """The plan's KV from chunks the prefetch holds in host memory: no I/O. None (a logged miss) on failure."""
+        c = self.chunk_size
+        count = plan.hit_end // c - plan.first_chunk
+        try:
+            fetched = prefetch.handle.chunks(count)
+            skip = plan.device_len - plan.first_chunk * c  # tokens of the first chunk already on the device
+            # [L, 2, hit_end - device_len, H, D]
+            kv = torch.cat([f.kv for f in fetched], dim=2)[:, :, skip:].contiguous()
+        except Exception:  # noqa: BLE001
+            log.exception("lmcache_sgl: %d prefetched chunk(s) could not be used; prefilling instead", count)
+            with self._lock:
+                self.counters.load_failures += 1
+            return None
+        spans = [(i * c, (i + 1) * c) for i in range(plan.first_chunk, plan.hit_end // c)]
+        host, disk = _split_by_tier(spans, [f.tier for f in fetched], plan.device_len)
+        with self._lock:
+            self.counters.loads += 1
+            self.counters.tokens["host"] += host
+            self.counters.tokens["disk"] += disk
+        return Loaded(kv, host, disk)
 
     # ---- load (store -> host tensor) ---------------------------------------
 
