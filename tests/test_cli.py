@@ -6,7 +6,6 @@ import tarfile
 import time
 
 import pytest
-import torch
 
 from conftest import prompt_chunks, store_config
 from lmcache_sgl import ChunkLayout, ModelFingerprint, TieredStore

@@ -132,7 +132,6 @@ def test_max_blob_bytes_bounds_every_real_encoding(codec):
     """Incompressible data of sizes around the block boundary fits ``max_blob_bytes``; a frame
     longer than its block's bound is corrupt before decompressing."""
     from lmcache_sgl.storage.chunk_file import max_blob_bytes
-    from lmcache_sgl.storage.disk_tier import chunk_path
 
     gen = torch.Generator().manual_seed(1)
     for raw_len in (2, 4094, MIB - 2, MIB, MIB + 2, 2 * MIB + 6):

@@ -120,6 +120,8 @@ def test_auto_refuses_a_disk_hit_slower_than_recompute_under_sglang(disk_cache):
     cache, runner = disk_cache
     tokens = np.arange(500, 500 + C + 3, dtype=np.int64)
     disk_only_chunk(cache, tokens)
+    assert store_hit(cache, tokens, "before") == 0  # the first match starts the disk read (a prefetch)
+    cache._prefetches["before"].handle.wait(10)
     assert store_hit(cache, tokens, "before") == C  # no prefill rate yet: every hit is worth loading
     for _ in range(40):  # a disk observed at 1 MiB per 5 s
         cache.link.store.cost.record_load(Tier.DISK, 1 << 20, 5.0)

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 from unittest import mock
 
-import pytest
 import torch
 
 from conftest import require
