@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 
 class Tier(str, Enum):
@@ -71,3 +74,37 @@ class StoreStats:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "compression_ratio": self.compression_ratio}
+
+
+class TimedEvent(NamedTuple):
+    kind: str  # what was timed, e.g. "load", "save", "prefetch_wait"
+    seconds: float
+    nbytes: int  # bytes moved by it (0 for a wait)
+
+
+class Timings:
+    """Per-event durations for latency histograms; an exporter drains them. Thread-safe.
+
+    Holds at most ``max_events`` undrained events: when nobody drains, the
+    oldest are dropped (and counted in ``dropped``), so memory stays bounded.
+    """
+
+    def __init__(self, max_events: int = 10_000) -> None:
+        if max_events < 1:
+            raise ValueError(f"max_events must be >= 1, got {max_events}")
+        self._events: deque[TimedEvent] = deque(maxlen=max_events)
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def record(self, kind: str, seconds: float, nbytes: int = 0) -> None:
+        with self._lock:
+            if len(self._events) == self._events.maxlen:
+                self.dropped += 1
+            self._events.append(TimedEvent(kind, seconds, nbytes))
+
+    def drain(self) -> list[TimedEvent]:
+        """The events recorded since the last drain, oldest first."""
+        with self._lock:
+            events = list(self._events)
+            self._events.clear()
+            return events

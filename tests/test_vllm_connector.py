@@ -21,6 +21,7 @@ from lmcache_sgl import ConfigError, ModelFingerprint, Tier, prefix_keys  # noqa
 from lmcache_sgl.adapters.vllm import cache_config_from, lookup_address  # noqa: E402
 from lmcache_sgl.adapters.vllm_scheduler import LookupClient, TransferSpec, LMCacheSGLMetadata  # noqa: E402
 from lmcache_sgl.adapters.vllm_worker import LookupServer, WorkerSide  # noqa: E402
+from lmcache_sgl.model_identity import model_identity  # noqa: E402
 
 CHUNK = 32  # two vLLM blocks of 16
 
@@ -60,7 +61,8 @@ def test_prompt_saves_its_chunks(model_dir, unfull, layout):
     h.add(prompt)
     h.run()
     fp = h.store.layout.fingerprint
-    assert fp == ModelFingerprint("tiny-llama-vllm", "float32", num_layers=2, num_kv_heads=2, head_dim=64)
+    assert fp.model_name.startswith("tiny-llama-vllm@") and fp.model_name == model_identity(model_dir)
+    assert fp == ModelFingerprint(fp.model_name, "float32", num_layers=2, num_kv_heads=2, head_dim=64)
     keys = prefix_keys(fp, prompt, CHUNK, include_partial=unfull)
     assert len(keys) == (4 if unfull else 3)
     chunks = h.store.get(keys, chunk_token_ids(prompt, len(keys)))

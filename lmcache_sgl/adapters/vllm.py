@@ -63,6 +63,7 @@ class LMCacheSGLConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig | None" = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        _log_through_vllm()
         transfer = vllm_config.kv_transfer_config
         self._config = cache_config_from(transfer.kv_connector_extra_config)
         self._block_size = _block_size(vllm_config, kv_cache_config)
@@ -174,6 +175,20 @@ def cache_config_from(extra_config: dict[str, Any] | None) -> CacheConfig:
     overrides = {str(k).removeprefix("lmcache."): v for k, v in (extra_config or {}).items()}
     path = overrides.pop("config_file", None)
     return CacheConfig.load(path=path, overrides=overrides)
+
+
+def _log_through_vllm() -> None:
+    """Send the ``lmcache_sgl`` loggers' records to vLLM's handlers (its format, ``VLLM_LOGGING_LEVEL``).
+
+    Without this our INFO lines (hits per request) never show in a vLLM server's
+    log. A user who configured the ``lmcache_sgl`` logger keeps that setup.
+    """
+    ours, theirs = logging.getLogger("lmcache_sgl"), logging.getLogger("vllm")
+    if ours.handlers or ours.level != logging.NOTSET or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)  # propagation stays on: root's handlers (none in a vLLM server) see them too
 
 
 def lookup_address(engine_id: str, tp_rank: int) -> str:

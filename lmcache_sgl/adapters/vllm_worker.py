@@ -156,6 +156,9 @@ class WorkerSide:
             log.exception("lmcache_sgl: TP ranks could not agree on the loads; all are recomputed")
             loaded = [spec.start for spec in meta.loads]
         for spec, end in zip(meta.loads, loaded):
+            if end > spec.start:
+                log.info("lmcache_sgl: request %s loaded %d prompt tokens from the store", spec.req_id,
+                         end - spec.start)
             if end < spec.end:
                 bad = spec.block_ids[end // self._block:]
                 log.warning("lmcache_sgl: request %s loaded tokens [%d, %d) of [%d, %d); "

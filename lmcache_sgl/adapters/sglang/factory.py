@@ -44,6 +44,10 @@ def build_tiered_radix_cache(ctx):
     link = TierLink(store, device_kv, fp, agree=RankAgreement.for_cache(ctx.params))
     cache = create_unified_radix_cache(ctx, cache_class=functools.partial(TieredRadixCache, link=link))
     _time_prefills(ctx, store, device_kv)
+    if getattr(ctx.params, "enable_metrics", False):  # --enable-metrics: ours join SGLang's /metrics
+        from .prom import start_for_scheduler
+
+        start_for_scheduler(store, link, ctx.server_args.served_model_name or model, ctx.tp_rank)
     log.info("lmcache_sgl: tiered radix cache ready for %s: %d layers x %d KV heads x %d dims, %s, chunk %d tokens, "
              "host %.2f GiB, disk %s", model, fp.num_layers, fp.num_kv_heads, fp.head_dim, fp.kv_dtype,
              config.chunk_size, config.host_bytes / (1 << 30), config.local_disk or "off")
