@@ -17,7 +17,6 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,31 +26,11 @@ from conftest import require
 
 prometheus_client = require("prometheus_client")
 
-from lmcache_sgl import CacheConfig, ChunkLayout, TieredStore  # noqa: E402
-from lmcache_sgl.adapters.sglang.device_kv import DeviceKV, fingerprint  # noqa: E402
 from lmcache_sgl.adapters.sglang.prom import StoreExporter, instrument  # noqa: E402
-from lmcache_sgl.adapters.sglang.tier_link import TierLink  # noqa: E402
 from lmcache_sgl.metrics import Timings  # noqa: E402
+from test_sglang_tier_link import SLOTS, link  # noqa: E402,F401 (link: the fake-pool fixture)
 
-C = 16  # chunk size
-LAYERS, HEADS, DIM, SLOTS = 2, 2, 8, 256
 LABELS = {"model_name": "fake-model", "tp_rank": "0"}
-
-gen = torch.Generator().manual_seed(0)
-POOL = [(torch.randn(SLOTS, HEADS, DIM, generator=gen), torch.randn(SLOTS, HEADS, DIM, generator=gen))
-        for _ in range(LAYERS)]  # per layer (K, V), each [slots, H, D], as SGLang's MHA pool
-
-
-@pytest.fixture
-def link():
-    kvcache = SimpleNamespace(start_layer=0, layer_num=LAYERS, get_kv_buffer=lambda i: POOL[i])
-    device_kv = DeviceKV(kvcache)
-    fp = fingerprint("fake-model", device_kv, tp_rank=0, tp_size=1)
-    layout = ChunkLayout(fp, C)
-    config = CacheConfig(chunk_size=C, max_local_cpu_size=64 * layout.chunk_bytes / 2**30, local_disk=None)
-    store = TieredStore(config, layout)
-    yield TierLink(store, device_kv, fp)
-    store.close()
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
 
 from lmcache_sgl import prefix_keys  # noqa: E402
 from lmcache_sgl.metrics import Tier  # noqa: E402
+from sglang_cpu_cache import build_cpu_tiered_cache  # noqa: E402
 
 C = 16
 LAYERS, HEADS, DIM, SLOTS = 2, 2, 8, 256
@@ -37,31 +38,13 @@ NUM_CHUNKS = 3
 
 def build_cache(tmp_path, monkeypatch, policy: str, timeout_ms: int = 1000, host_chunks: int = 16):
     """The real TieredRadixCache on a CPU MHA pool, built by our factory as a scheduler builds it."""
-    from sglang.srt.mem_cache import registry
-    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
-
-    from lmcache_sgl.adapters.sglang.factory import build_tiered_radix_cache
-
-    monkeypatch.setattr(registry, "get_disagg", lambda: SimpleNamespace(disaggregation_decode_retraction_backup=None))
-    monkeypatch.setattr(registry, "get_memory", lambda: SimpleNamespace(enable_unified_cache_external_linker=False))
     chunk_bytes = LAYERS * 2 * C * HEADS * DIM * 4
     config = tmp_path / "config.yaml"
     config.write_text(f"chunk_size: {C}\nmax_local_cpu_size: {host_chunks * chunk_bytes / 2**30}\n"
                       f"local_disk: {tmp_path / 'disk'}\nload_policy: always\nprefetch_policy: {policy}\n"
                       f"prefetch_timeout_ms: {timeout_ms}\n")
-    kv = MHATokenToKVPool(size=SLOTS, page_size=1, dtype=torch.float32, head_num=HEADS, head_dim=DIM,
-                          layer_num=LAYERS, device="cpu", enable_memory_saver=False)
-    allocator = TokenToKVPoolAllocator(SLOTS, torch.float32, "cpu", kv, need_sort=False)
-    req_pool = ReqToTokenPool(size=4, max_context_len=512, device="cpu", enable_memory_saver=False)
-    params = CacheInitParams(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
-                             page_size=1)
-    ctx = SimpleNamespace(
-        server_args=SimpleNamespace(lmcache_config_file=str(config), model_path="/models/tiny-prefetch"),
-        params=params, is_hybrid_swa=False, is_hybrid_ssm=False, enable_hierarchical_cache=False,
-        disable_radix_cache=False, tp_worker=SimpleNamespace(model_runner=None), tp_rank=0, tp_size=1)
-    return build_tiered_radix_cache(ctx)
+    return build_cpu_tiered_cache(config, monkeypatch, model_path="/models/tiny-prefetch",
+                                  layers=LAYERS, heads=HEADS, dim=DIM, slots=SLOTS)
 
 
 class GatedReader:
