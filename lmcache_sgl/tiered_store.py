@@ -125,11 +125,18 @@ class TieredStore(WritePath):
 
     # ---- put ---------------------------------------------------------------
 
-    def put(self, key: str, token_ids: TokenIds, kv: torch.Tensor, start_pos: int = 0) -> bool:
-        """Store one chunk ``kv`` [L, P, T, H, D] for ``token_ids`` (T of them). False if dropped."""
+    def put(self, key: str, token_ids: TokenIds, kv: torch.Tensor, start_pos: int = 0, *,
+            presence_checked: bool = False) -> bool:
+        """Store one chunk ``kv`` [L, P, T, H, D] for ``token_ids`` (T of them). False if dropped.
+
+        A chunk any tier already holds is not stored again. ``presence_checked``: the
+        caller just asked ``missing()`` for this key, so only the local tiers are
+        checked again (no second remote round trip per chunk).
+        """
         tok = token_bytes(token_ids)
         self._check_chunk(kv, len(tok) // 4)
-        if self.contains(key) is not None:
+        held = self._local_tier(key) if presence_checked else self.contains(key)
+        if held is not None:
             return True
         # Write-through hands this tensor to the writer: it must be a private copy.
         kv = kv.detach().to("cpu", copy=self._write_through)
@@ -166,6 +173,14 @@ class TieredStore(WritePath):
 
     def contains(self, key: str) -> Tier | None:
         return self._tiers_of([key])[0]
+
+    def missing(self, keys: Sequence[str]) -> list[int]:
+        """Indices of the keys no tier holds, with at most one remote round trip for them all."""
+        absent = [i for i, key in enumerate(keys) if self._local_tier(key) is None]
+        if absent and self._remote is not None:
+            remote = self._remote.contains_many([keys[i] for i in absent])
+            absent = [i for i, there in zip(absent, remote) if not there]
+        return absent
 
     def _local_tier(self, key: str) -> Tier | None:
         with self._lock:

@@ -70,3 +70,20 @@ def test_unreachable_server_is_a_miss(layout):
         stats = store.stats()
         # The first refused call trips the breaker; the others are skipped, not retried.
         assert stats.remote_errors >= 1 and stats.remote_breaker_trips == 1
+
+
+def test_a_save_asks_redis_once_for_all_its_chunks(layout, redis_url):
+    """`missing` makes one round trip for every locally absent key; puts after it make none."""
+    keys, toks, kvs = prompt_chunks(layout, 4, seed=15)
+    with TieredStore(store_config(layout, host_chunks=0, remote_url=redis_url), layout) as writer:
+        for k, t, kv in zip(keys[:2], toks[:2], kvs[:2]):
+            writer.put(k, t, kv)
+    with TieredStore(store_config(layout, host_chunks=8, remote_url=redis_url), layout) as store:
+        calls = []
+        for name in ("contains", "contains_many"):
+            real = getattr(store._remote, name)
+            setattr(store._remote, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+        assert store.missing(keys) == [2, 3] and calls == ["contains_many"]
+        assert all(store.put(keys[i], toks[i], kvs[i], presence_checked=True) for i in (2, 3))
+        assert calls == ["contains_many"] and store.missing(keys) == []
+        store.clear()

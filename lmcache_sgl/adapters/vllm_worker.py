@@ -196,13 +196,17 @@ class WorkerSide:
         for spec in meta.saves:
             clean_end = self._clean_prefix(spec, poisoned)
             try:
-                for span in self._spans(spec, spec.start, spec.end):
+                spans = self._spans(spec, spec.start, spec.end)
+                missing = set(self.store.missing([span.key for span in spans]))  # one remote round trip
+                for j, span in enumerate(spans):
                     if span.end > clean_end:
                         log.info("lmcache_sgl: not saving tokens [%d, %d) of request %s: they attend to "
                                  "blocks that failed to load", span.start, spec.end, spec.req_id)
                         break
+                    if j not in missing:
+                        continue  # already stored: no gather
                     kv = self.pool.gather(self._slots(spec, span.start, span.end))
-                    self.store.put(span.key, span.token_ids, kv, start_pos=span.start)
+                    self.store.put(span.key, span.token_ids, kv, start_pos=span.start, presence_checked=True)
             except Exception:
                 log.exception("lmcache_sgl: save of request %s failed; its chunks stay uncached", spec.req_id)
 

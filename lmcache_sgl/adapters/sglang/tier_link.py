@@ -115,7 +115,7 @@ class TierLink:
             return 0
         try:
             keys = prefix_keys(self.fingerprint, tokens[:n_full * c], c)
-            todo = [i for i in range(first, n_full) if self.store.contains(keys[i]) is None]
+            todo = [first + i for i in self.store.missing(keys[first:n_full])]
             if not todo:
                 return 0
             index = torch.cat([torch.arange(i * c, (i + 1) * c) for i in todo])
@@ -123,7 +123,7 @@ class TierLink:
             put = 0
             for j, i in enumerate(todo):
                 put += self.store.put(keys[i], tokens[i * c:(i + 1) * c], kv[:, :, j * c:(j + 1) * c],
-                                      start_pos=i * c)
+                                      start_pos=i * c, presence_checked=True)
         except Exception:  # noqa: BLE001 - engine boundary: a failed save is a dropped save
             log.exception("lmcache_sgl: saving %d evicted chunk(s) failed; they are dropped", n_full - first)
             with self._lock:
