@@ -8,6 +8,14 @@
     lmcache-sgl export DIR ARCHIVE.tar  /  import ARCHIVE.tar DIR
     lmcache-sgl prepopulate --model DIR --input prompts.jsonl --cache-dir DIR
 
+Against a running SGLang server started with --enable-lmcache (its /lmcache/* routes):
+
+    lmcache-sgl lookup --server URL (--text T | --tokens 1,2,3)   cached tokens per tier
+    lmcache-sgl pin|unpin --server URL (--text T | --tokens 1,2,3)
+    lmcache-sgl clear --server URL [--tier host|disk|remote] [--model NAME]
+    lmcache-sgl health --server URL          (exit 1 when a tier is unhealthy)
+    lmcache-sgl stats --server URL
+
 Every subcommand prints JSON with ``--json`` and exits non-zero on failure.
 ``verify``, ``export`` and ``import`` take ``--shared-group`` (default: the
 ``LMCACHE_SHARED_DIR_GROUP`` variable, as the servers read it).
@@ -24,6 +32,7 @@ from dataclasses import asdict, is_dataclass
 from typing import Any, Iterable
 
 from . import cache_admin
+from .control import TIERS, ServerControl
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?i?B?)\s*$", re.I)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -66,7 +75,65 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
         print(text)
 
 
+def parse_tokens(text: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3]."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tokens {text!r} are not like 1,2,3") from None
+
+
+def _server(args) -> ServerControl:
+    return ServerControl(args.server, api_key=args.api_key)
+
+
+def cmd_prompt_op(args) -> int:
+    """lookup, pin, unpin: one prompt against a server."""
+    if (args.tokens is None) == (args.text is None):
+        raise ValueError(f"{args.command} needs exactly one of --tokens or --text")
+    r = getattr(_server(args), args.command)(tokens=args.tokens, text=args.text)
+    if "dp_ranks" in r:  # one answer per DP rank: shown as they are
+        text = json.dumps(r, indent=2)
+    elif args.command == "lookup":
+        text = (f"{r['cached_tokens']} of {r['prompt_tokens']} tokens cached: device {r['device']}, "
+                f"host {r['host']}, disk {r['disk']}, remote {r['remote']}")
+    else:
+        text = f"{args.command}ned {r['chunks']} chunks"
+    _emit(args, r, text)
+    return 0
+
+
+def cmd_clear(args) -> int:
+    r = _server(args).clear(args.tier, args.model)
+    if "dp_ranks" in r:
+        _emit(args, r, json.dumps(r, indent=2))
+        return 0
+    _emit(args, r, f"cleared {', '.join(r['tiers'])}: {r['host_removed']} host and {r['disk_removed']} disk "
+                   f"entries removed; {r['pinned_kept']} pinned kept")
+    return 0
+
+
+def cmd_health(args) -> int:
+    r = _server(args).health()
+    answers = r.get("dp_ranks", [r])  # one per DP rank (usually one)
+    ok = all(a["ok"] for a in answers)
+    lines = ["ok" if ok else "UNHEALTHY"]
+    for rank, h in enumerate(h for a in answers for h in a["ranks"]):
+        lines += [f"  rank {rank} {t['tier']}: " + ("off" if not t["enabled"] else "ok" if t["ok"] else
+                                                    f"ERROR {t['error']}") for t in h["tiers"]]
+        if h["remote_breaker"] is not None:
+            lines.append(f"  rank {rank} remote circuit breaker: {h['remote_breaker']}")
+    _emit(args, r, "\n".join(lines))
+    return 0 if ok else 1
+
+
 def cmd_stats(args) -> int:
+    if (args.server is None) == (args.dir is None):
+        raise ValueError("stats needs exactly one of DIR (a cache directory) or --server URL")
+    if args.server is not None:
+        r = _server(args).stats()
+        _emit(args, r, json.dumps(r, indent=2))
+        return 0
     s = cache_admin.cache_stats(args.dir, _progress(not args.json, "reading headers"))
     models = "\n".join(f"  {m}: {v['entries']} entries, {v['bytes'] / 2**20:.1f} MiB" for m, v in s.models.items())
     text = (f"{s.entries} entries, {s.bytes / 2**20:.1f} MiB on disk, {s.raw_bytes / 2**20:.1f} MiB of KV, "
@@ -145,14 +212,38 @@ def _add_shared_group(p: argparse.ArgumentParser) -> None:
                         "default: private to the user")
 
 
+def _add_server(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--server", required=required, help="the SGLang server, e.g. http://127.0.0.1:30000")
+    p.add_argument("--api-key", default=os.environ.get("SGLANG_API_KEY") or None,
+                   help="the server's (admin) API key; default: the SGLANG_API_KEY variable")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lmcache-sgl", description="Offline tools for an lmcache_sgl cache directory.")
+    ap = argparse.ArgumentParser(prog="lmcache-sgl",
+                                 description="Tools for an lmcache_sgl cache directory and a running server.")
     ap.add_argument("--json", action="store_true", help="print JSON")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("stats", help="entries, bytes, compression ratio, models, age histograms")
-    p.add_argument("dir")
+    p = sub.add_parser("stats", help="a directory's entries, bytes, compression, models, ages; or a server's counters")
+    p.add_argument("dir", nargs="?")
+    _add_server(p, required=False)
     p.set_defaults(fn=cmd_stats)
+    for name, what in (("lookup", "how many leading tokens of a prompt are cached, per tier"),
+                       ("pin", "keep a prompt's cached prefix from eviction (host and disk)"),
+                       ("unpin", "let a pinned prefix be evicted again")):
+        p = sub.add_parser(name, help=what)
+        _add_server(p)
+        p.add_argument("--tokens", type=parse_tokens, help="token ids, e.g. 1,2,3")
+        p.add_argument("--text", help="text, tokenized by the server")
+        p.set_defaults(fn=cmd_prompt_op)
+    p = sub.add_parser("clear", help="empty a server's cache: all tiers, one, or one model's entries")
+    _add_server(p)
+    p.add_argument("--tier", choices=TIERS)
+    p.add_argument("--model", help="only this model's entries (host and disk)")
+    p.set_defaults(fn=cmd_clear)
+    p = sub.add_parser("health", help="a server's tiers: ok or the error; exit 1 if any is not ok")
+    _add_server(p)
+    p.set_defaults(fn=cmd_health)
     p = sub.add_parser("inspect", help="one entry's header")
     p.add_argument("dir")
     p.add_argument("key")

@@ -33,6 +33,7 @@ DISK_CODECS = ("lz4", "zstd", "none")
 LOAD_POLICIES = ("auto", "always")
 PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
 DISK_WRITE_POLICIES = ("write_through", "write_back")
+SAVE_POLICIES = ("write_through", "write_back", "write_through_selective")
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,11 @@ class CacheConfig:
     # "write_through": every put is also queued at once for disk and Redis (durable within about
     # max_pending_writes chunk writes); "write_back": a chunk goes down only when the host tier evicts it.
     disk_write_policy: str = "write_through"
+    # SGLang, device -> host tier (HiCache's names): when a radix path's full chunks are copied into
+    # the store. "write_through": after the prefill that first caches them; "write_through_selective":
+    # once a second request reuses them; "write_back": only when the device evicts them. Eviction saves
+    # whatever is still missing under every policy.
+    save_policy: str = "write_through"
     # Seconds a stop (SIGTERM/SIGINT, shutdown, /flush_cache) may spend writing chunks to disk.
     shutdown_flush_timeout_s: float = 30.0
     # Threads for compression and file I/O.
@@ -95,6 +101,16 @@ class CacheConfig:
     prefetch_policy: str = "best_effort"
     # The wait limit of prefetch_policy "timeout", ms from the request's first admission attempt.
     prefetch_timeout_ms: int = 1000
+    # Blended reuse (CacheBlend, docs/blending.md): documents' KV reused at any position in a prompt.
+    enable_blending: bool = False
+    # The text between documents in a blend prompt; tokenized once with the served model's tokenizer.
+    blend_special_str: str = " # # "
+    # Share of a blend's reused tokens recomputed from the check layer on, each in [0, 1]; the first is used.
+    blend_recompute_ratios: tuple[float, ...] = field(default=(0.15,), metadata={"kind": tuple, "item": float})
+    # The layer where the tokens to recompute are chosen (>= 0, below the model's layer count); the first is used.
+    blend_check_layers: tuple[int, ...] = field(default=(1,), metadata={"kind": tuple, "item": int})
+    # Segments (documents) shorter than this many tokens are neither stored nor matched.
+    blend_min_tokens: int = 256
 
     def __post_init__(self) -> None:
         _require(self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1")
@@ -106,6 +122,7 @@ class CacheConfig:
         _require(self.load_policy in LOAD_POLICIES, "load_policy", self.load_policy, f"one of {LOAD_POLICIES}")
         _require(self.disk_write_policy in DISK_WRITE_POLICIES, "disk_write_policy", self.disk_write_policy,
                  f"one of {DISK_WRITE_POLICIES}")
+        _require(self.save_policy in SAVE_POLICIES, "save_policy", self.save_policy, f"one of {SAVE_POLICIES}")
         _require(self.shutdown_flush_timeout_s > 0, "shutdown_flush_timeout_s", self.shutdown_flush_timeout_s,
                  "seconds > 0")
         _require(self.max_pending_writes >= 1, "max_pending_writes", self.max_pending_writes, "an integer >= 1")
@@ -121,6 +138,7 @@ class CacheConfig:
         _require(self.remote_ttl_s is None or self.remote_ttl_s > 0, "remote_ttl_s", self.remote_ttl_s,
                  "whole seconds > 0, or unset")
         _check_group(self.shared_dir_group)
+        _check_blend(self)
         if self.local_disk is not None and self.local_disk.startswith("file://"):
             object.__setattr__(self, "local_disk", self.local_disk[len("file://"):])
 
@@ -203,6 +221,8 @@ def _convert(key: str, raw: Any) -> Any:
             return None
         raise ConfigError(f"{key} must not be empty")
     kind = _FIELDS[key].metadata.get("kind") or (type(default) if default is not None else str)
+    if kind is tuple:
+        return _to_tuple(key, raw, _FIELDS[key].metadata["item"])
     if kind is bool:
         return _to_bool(key, raw)
     try:
@@ -214,6 +234,46 @@ def _convert(key: str, raw: Any) -> Any:
     if kind is str and value.lower() in ("", "none", "null") and default is None:
         return None
     return value
+
+
+def _to_tuple(key: str, raw: Any, item: type) -> tuple:
+    """A list from YAML, or a string "0.15,0.3" / "[0.15, 0.3]" (environment), or one value."""
+    if isinstance(raw, str):
+        raw = [part for part in raw.strip().strip("[]()").split(",") if part.strip()]
+    elif not isinstance(raw, (list, tuple)):
+        raw = [raw]
+    try:
+        values = tuple(_to_item(x, item) for x in raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={raw!r} is not a list of {item.__name__}") from None
+    if not values:
+        raise ConfigError(f"{key} must not be empty; allowed: a list of {item.__name__}")
+    return values
+
+
+def _to_item(raw: Any, item: type) -> Any:
+    if isinstance(raw, bool) or (item is int and isinstance(raw, float) and not raw.is_integer()):
+        raise ValueError
+    return item(raw.strip() if isinstance(raw, str) else raw)
+
+
+def _check_blend(cfg: "CacheConfig") -> None:
+    for key in ("blend_recompute_ratios", "blend_check_layers"):
+        if isinstance(getattr(cfg, key), list):  # built directly with a list: keep the config hashable
+            object.__setattr__(cfg, key, tuple(getattr(cfg, key)))
+    _require(isinstance(cfg.blend_special_str, str) and cfg.blend_special_str != "", "blend_special_str",
+             cfg.blend_special_str, "a non-empty string")
+    _require(_non_empty_tuple(cfg.blend_recompute_ratios)
+             and all(isinstance(r, (int, float)) and 0.0 <= r <= 1.0 for r in cfg.blend_recompute_ratios),
+             "blend_recompute_ratios", cfg.blend_recompute_ratios, "a non-empty list of numbers in [0, 1]")
+    _require(_non_empty_tuple(cfg.blend_check_layers)
+             and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cfg.blend_check_layers),
+             "blend_check_layers", cfg.blend_check_layers, "a non-empty list of integers >= 0")
+    _require(cfg.blend_min_tokens >= 1, "blend_min_tokens", cfg.blend_min_tokens, "an integer >= 1")
+
+
+def _non_empty_tuple(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) > 0
 
 
 def _to_bool(key: str, raw: Any) -> bool:

@@ -11,8 +11,15 @@ used for blended (non-prefix) reuse, names the chunk's tokens alone:
 
     c_i    = H_content(fingerprint || int32_le(tokens of chunk i))
 
-H is blake2b with a 16-byte digest and a domain tag (``person``), so prefix and
-content keys can never collide with each other. Keys are lowercase hex strings
+A segment key (blended reuse, ``lmcache_sgl/blend``) names a document's chunk
+and the document's earlier chunks, from the document's start, wherever the
+document sits in a prompt:
+
+    s_{-1} = H_segment(fingerprint)
+    s_i    = H_segment(s_{i-1} || int32_le(segment tokens[i*C : (i+1)*C]))
+
+H is blake2b with a 16-byte digest and a domain tag (``person``), so prefix,
+content and segment keys can never collide with each other. Keys are lowercase hex strings
 of 32 characters (filename-safe). Nothing depends on Python's ``hash()``, the
 engine, the block size or the process, so SGLang, vLLM and the offline CLI
 compute the same keys for the same prompt on any host.
@@ -30,6 +37,7 @@ import numpy as np
 FORMAT_VERSION = 2  # 2: model_name carries a weights digest (model_identity.py); v1 keys are orphaned
 _PREFIX_TAG = b"lmcsgl-prefix"
 _CONTENT_TAG = b"lmcsgl-content"
+_SEGMENT_TAG = b"lmcsgl-segment"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +123,19 @@ def prefix_keys(fingerprint: ModelFingerprint, token_ids: Sequence[int] | np.nda
 def content_key(fingerprint: ModelFingerprint, chunk_token_ids: Sequence[int] | np.ndarray) -> str:
     """Position-independent key of one chunk's tokens (blended reuse)."""
     return _hash(_CONTENT_TAG, fingerprint.to_bytes() + token_bytes(chunk_token_ids))
+
+
+def segment_keys(fingerprint: ModelFingerprint, seg_token_ids: Sequence[int] | np.ndarray,
+                 chunk_size: int) -> list[str]:
+    """Chained segment-domain keys of a segment's chunks, the partial last one included."""
+    raw = token_bytes(seg_token_ids)
+    keys: list[str] = []
+    prev = bytes.fromhex(_hash(_SEGMENT_TAG, fingerprint.to_bytes()))
+    for span in chunk_spans(len(raw) // 4, chunk_size, include_partial=True):
+        key = _hash(_SEGMENT_TAG, prev + raw[4 * span.start: 4 * span.end])
+        keys.append(key)
+        prev = bytes.fromhex(key)
+    return keys
 
 
 def _hash(tag: bytes, data: bytes) -> str:

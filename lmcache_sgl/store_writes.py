@@ -17,13 +17,17 @@ A chunk is in exactly one of: a dirty host entry (maybe also in ``_through``),
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from typing import NamedTuple
 
 from .storage.host_tier import HostEntry
 from .write_back import MAX_WRITE_ATTEMPTS, PendingWrite, WriteResult
 
 log = logging.getLogger(__name__)
+
+ABANDON_LOG_INTERVAL_S = 10.0  # at most one "giving up" error line per this many seconds per store
 
 
 class FlushReport(NamedTuple):
@@ -34,6 +38,10 @@ class FlushReport(NamedTuple):
 
 class WritePath:
     """Write-through, write-back, retries and flush of ``TieredStore`` (see the module docstring)."""
+
+    # Class defaults, set per store under its lock by _abandon_locked.
+    _abandon_logged_at = -math.inf  # time.monotonic() of the last error line about given-up writes
+    _abandon_unlogged = 0  # writes given up since that line
 
     def _write_through_locked(self, job: PendingWrite) -> None:
         if self._writer.submit(job):
@@ -93,8 +101,16 @@ class WritePath:
             self._retry.pop(job.key)
 
     def _abandon_locked(self, key: str, failures: int) -> None:
+        """Count a given-up write; log at most one line per ``ABANDON_LOG_INTERVAL_S`` (an outage
+        gives up every chunk, and the line is written under the store's lock)."""
         self._counters.writes_abandoned += 1
-        log.error("chunk %s: giving up its write-back after %d failed writes", key, failures)
+        self._abandon_unlogged += 1
+        now = time.monotonic()
+        if now - self._abandon_logged_at < ABANDON_LOG_INTERVAL_S:
+            return
+        log.error("chunk %s: giving up its write-back after %d failed writes (%d chunks given up since the "
+                  "last such line; writes_abandoned counts them all)", key, failures, self._abandon_unlogged)
+        self._abandon_logged_at, self._abandon_unlogged = now, 0
 
     def _record_write_locked(self, result: WriteResult) -> None:
         if not result.ok:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import NamedTuple, Sequence
@@ -50,6 +49,7 @@ from .keys import token_bytes
 from .layout import ChunkLayout
 from .metrics import Counters, StoreStats, Tier
 from .prefetch import PrefetchHandle, Prefetcher
+from .read_ahead import IO_THREAD_PREFIX, LowerRead, ReadAhead, on_io_thread
 from .storage.chunk_file import CorruptChunk, decode_chunk, max_blob_bytes
 from .storage.disk_tier import DiskTier
 from .storage.host_tier import HostEntry, HostTier, Loan
@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 TokenIds = Sequence[int] | np.ndarray
 
-__all__ = ["Tier", "Loan", "LookupResult", "FlushReport", "TieredStore"]
+__all__ = ["Tier", "Loan", "LookupResult", "PinCounts", "FlushReport", "TieredStore"]
 
 
 def _copy_out(src: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
@@ -82,6 +82,17 @@ class LookupResult(NamedTuple):
     tiers: tuple[Tier, ...]  # the tier of each hit, fastest first
 
 
+class PinCounts(NamedTuple):
+    chunks: int  # leading chunks pinned now (including ones pinned before)
+    host: int  # of those, pinned in the host tier
+    disk: int  # ... and on disk (a chunk may be in both)
+
+
+class _Pin(NamedTuple):
+    entry: HostEntry | None  # holds one ref for the pin, or None: not in the host tier when pinned
+    on_disk: bool
+
+
 
 
 class TieredStore(WritePath):
@@ -99,7 +110,9 @@ class TieredStore(WritePath):
         # Write-through jobs in the writer's queue whose chunk is still a (dirty) host entry.
         # Invariant: _through[k] is queued and k is in the host tier; eviction moves it to _pending.
         self._through: dict[str, PendingWrite] = {}
-        self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="lmcache-sgl-io")
+        self._pins: dict[str, _Pin] = {}  # control-API pins, this process only; guarded by _pin_lock
+        self._pin_lock = threading.Lock()  # taken before _lock
+        self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix=IO_THREAD_PREFIX)
         self._prefetcher = Prefetcher(self, config.io_threads)
         self._host = HostTier(config.host_bytes, layout.chunk_bytes, config.cache_policy) \
             if config.host_bytes >= layout.chunk_bytes else None
@@ -233,21 +246,43 @@ class TieredStore(WritePath):
         pinned staging buffers), chunk i is copied into ``out[i]`` (its leading T
         tokens for a partial chunk) and that view is returned: one copy from the
         host slot, no temporary. Without it, each chunk is a private copy.
+        Disk and remote chunks are read and decoded ahead on the I/O pool
+        (``read_ahead.py``), ``io_threads`` at a time.
         """
         if out is not None and len(out) < len(keys):
             raise ValueError(f"out has {len(out)} buffers for {len(keys)} keys")
+        toks = self._token_bytes(keys, token_ids_per_key)
         result = []
-        for i, key in enumerate(keys):
-            tok = token_bytes(token_ids_per_key[i]) if token_ids_per_key is not None else None
-            kv = self._get_one(key, tok, out[i] if out is not None else None)
-            if kv is None:
-                with self._lock:
-                    self._counters.miss_chunks += 1
-                break
-            result.append(kv)
+        with self._read_ahead(keys, toks) as reads:
+            for i, key in enumerate(keys):
+                kv = self._get_one(key, toks[i], out[i] if out is not None else None, reads, i)
+                if kv is None:
+                    with self._lock:
+                        self._counters.miss_chunks += 1
+                    break
+                result.append(kv)
         return result
 
-    def _get_one(self, key: str, tok: bytes | None, dst: torch.Tensor | None) -> torch.Tensor | None:
+    @staticmethod
+    def _token_bytes(keys: Sequence[str], token_ids_per_key: Sequence[TokenIds] | None) -> list[bytes | None]:
+        if token_ids_per_key is None:
+            return [None] * len(keys)
+        return [token_bytes(token_ids_per_key[i]) for i in range(len(keys))]
+
+    def _read_ahead(self, keys: Sequence[str], toks: Sequence[bytes | None]) -> ReadAhead:
+        """The lower-tier reads of ``keys``; inline only on an I/O pool thread (no waiting on its own pool)."""
+        pool = None if on_io_thread() else self._pool
+        return ReadAhead(lambda i, decode_pool: self._read_lower(keys[i], toks[i], decode_pool),
+                         lambda i: self._in_host(keys[i]), len(keys), pool,
+                         self.config.io_threads, self.cost)
+
+    def _in_host(self, key: str) -> bool:
+        with self._lock:
+            return key in self._pending or (self._host is not None and key in self._host)
+
+    def _get_one(self, key: str, tok: bytes | None, dst: torch.Tensor | None,
+                 reads: ReadAhead | None = None, index: int = 0) -> torch.Tensor | None:
+        """Chunk ``key`` from host memory, else key ``index`` of ``reads`` (or a read of its own)."""
         with self._lock:
             found = self._get_host_locked(key)
             if found is not None:
@@ -257,13 +292,10 @@ class TieredStore(WritePath):
                     return None
                 self._counters.hit_chunks[Tier.HOST.value] += 1
                 return _copy_out(view, dst)
-        for tier, backend in ((Tier.DISK, self._disk), (Tier.REMOTE, self._remote)):
-            if backend is None:
-                continue
-            kv = self._load_lower(tier, backend, key, tok)
-            if kv is not None:
-                return kv if dst is None else _copy_out(kv, dst)
-        return None
+        if reads is not None:
+            return self._load_lower(key, reads, index, dst)
+        with self._read_ahead([key], [tok]) as own:
+            return self._load_lower(key, own, 0, dst)
 
     def _get_host_locked(self, key: str) -> tuple[bytes, torch.Tensor] | None:
         """(token ids, a view of the stored chunk); copy it out before releasing the lock."""
@@ -276,32 +308,47 @@ class TieredStore(WritePath):
         self._host.touch(key)
         return entry.token_ids, self._host.view(entry)
 
-    def _load_lower(self, tier: Tier, backend: DiskTier | RemoteTier, key: str,
-                    tok: bytes | None) -> torch.Tensor | None:
-        start = time.perf_counter()
-        raw_cap = self.layout.chunk_bytes  # a planted file may claim more; it is refused before decoding
-        try:
-            blob = backend.read(key, max_bytes=max_blob_bytes(raw_cap))
-            if blob is None:
-                return None
-            header, kv = decode_chunk(blob, key=key, token_ids=tok, fingerprint=self._fingerprint, pool=self._pool,
-                                      max_raw_len=raw_cap)
-            self._check_chunk(kv, header.num_tokens)
-            self.cost.record_load(tier, header.raw_len, time.perf_counter() - start)
-        except (CorruptChunk, ValueError) as e:
-            with self._lock:
-                self._counters.corrupt_chunks += 1
-            if isinstance(backend, DiskTier):
-                backend.quarantine(key, str(e))
-            else:
-                log.warning("remote chunk %s is corrupt (%s); removing it", key, e)
-                backend.remove(key)
+    def _load_lower(self, key: str, reads: ReadAhead, index: int, dst: torch.Tensor | None) -> torch.Tensor | None:
+        """Key ``index`` of ``reads``, in key order: quarantines refused copies; counts, promotes, copies out a hit."""
+        read = reads.result(index)
+        for tier, reason in read.corrupt:
+            self._drop_corrupt(key, tier, reason)
+        if read.kv is None:
             return None
+        reads.accepted(read)
         with self._lock:
-            self._counters.hit_chunks[tier.value] += 1
+            self._counters.hit_chunks[read.tier.value] += 1
             if self._host is not None and key not in self._host and self._make_room_locked():
-                self._host.insert(key, kv, header.token_ids, header.start_pos, dirty=False)
-        return kv
+                self._host.insert(key, read.kv, read.header.token_ids, read.header.start_pos, dirty=False)
+        return read.kv if dst is None else _copy_out(read.kv, dst)
+
+    def _read_lower(self, key: str, tok: bytes | None, pool: ThreadPoolExecutor | None) -> LowerRead:
+        """Read and verify ``key`` from disk, then remote, decoding blocks on ``pool``; changes no state."""
+        raw_cap = self.layout.chunk_bytes  # a planted file may claim more; it is refused before decoding
+        corrupt = []
+        for tier, backend in ((Tier.DISK, self._disk), (Tier.REMOTE, self._remote)):
+            if backend is None:
+                continue
+            try:
+                blob = backend.read(key, max_bytes=max_blob_bytes(raw_cap))
+                if blob is None:
+                    continue
+                header, kv = decode_chunk(blob, key=key, token_ids=tok, fingerprint=self._fingerprint, pool=pool,
+                                          max_raw_len=raw_cap)
+                self._check_chunk(kv, header.num_tokens)
+                return LowerRead(tier, header, kv, tuple(corrupt))
+            except (CorruptChunk, ValueError) as e:
+                corrupt.append((tier, str(e)))
+        return LowerRead(None, None, None, tuple(corrupt))
+
+    def _drop_corrupt(self, key: str, tier: Tier, reason: str) -> None:
+        with self._lock:
+            self._counters.corrupt_chunks += 1
+        if tier is Tier.DISK:
+            self._disk.quarantine(key, reason)
+        else:
+            log.warning("remote chunk %s is corrupt (%s); removing it", key, reason)
+            self._remote.remove(key)
 
     def prefetch(self, keys: Sequence[str],
                  token_ids_per_key: Sequence[TokenIds] | None = None) -> PrefetchHandle:
@@ -324,23 +371,25 @@ class TieredStore(WritePath):
         views: list[torch.Tensor] = []
         entries: list[HostEntry] = []
         loan = Loan(views, lambda after: self._end_loan(entries, after))
+        toks = self._token_bytes(keys, token_ids_per_key)
         try:
-            for i, key in enumerate(keys):
-                tok = token_bytes(token_ids_per_key[i]) if token_ids_per_key is not None else None
-                view = self._lend_one(key, tok, entries)
-                if view is None:
-                    break
-                views.append(view)
+            with self._read_ahead(keys, toks) as reads:
+                for i, key in enumerate(keys):
+                    view = self._lend_one(key, toks[i], entries, reads, i)
+                    if view is None:
+                        break
+                    views.append(view)
             yield loan
         finally:
             if not loan.released:
                 loan.release(after=self._stream_event())
 
-    def _lend_one(self, key: str, tok: bytes | None, entries: list[HostEntry]) -> torch.Tensor | None:
+    def _lend_one(self, key: str, tok: bytes | None, entries: list[HostEntry], reads: ReadAhead,
+                  index: int) -> torch.Tensor | None:
         """A pinned view of the chunk's host slot (its entry appended to ``entries``), a copy, or None."""
         entry = self._pin_host(key, tok, count_hit=True)
         if entry is None:
-            loaded = self._get_one(key, tok, None)  # counts the hit; promotes when it can
+            loaded = self._get_one(key, tok, None, reads, index)  # counts the hit; promotes when it can
             if loaded is None:
                 return None
             entry = self._pin_host(key, tok, count_hit=False)
@@ -388,6 +437,59 @@ class TieredStore(WritePath):
                 if e is not None and e.refs > 0:
                     e.refs -= 1
 
+    def locate(self, keys: Sequence[str]) -> tuple[Tier, ...]:
+        """The tier of each leading key held anywhere: no cost cut, no counters (the control API's lookup)."""
+        tiers = self._tiers_of(keys)
+        return tuple(t for t in tiers if t is not None)  # only the last can be None
+
+    def pin_chunks(self, keys: Sequence[str], token_ids_per_key: Sequence[TokenIds] | None = None) -> PinCounts:
+        """Pin the leading chunks held in the host tier or on disk: neither evicts them until ``unpin_chunks``.
+
+        Pending writes are drained first, so a written-through chunk is pinned on disk
+        too. Stops at the first chunk neither holds (a remote-only chunk cannot be
+        pinned: Redis evicts by its own policy). Pinning a pinned key changes nothing.
+        Pins live in this process's memory; a restart forgets them.
+        """
+        self.flush_pending()
+        pins: list[_Pin] = []
+        with self._pin_lock:
+            for i, key in enumerate(keys):
+                pin = self._pins.get(key)
+                if pin is None:
+                    tok = token_bytes(token_ids_per_key[i]) if token_ids_per_key is not None else None
+                    on_disk = self._disk is not None and self._disk.pin(key)
+                    pin = _Pin(self._pin_host(key, tok, count_hit=False), on_disk)
+                    if pin.entry is None and not pin.on_disk:
+                        break
+                    self._pins[key] = pin
+                pins.append(pin)
+        return PinCounts(len(pins), sum(p.entry is not None for p in pins), sum(p.on_disk for p in pins))
+
+    def unpin_chunks(self, keys: Sequence[str]) -> int:
+        """Drop the control-API pins of ``keys``; returns how many were pinned."""
+        with self._pin_lock:
+            pins = [p for p in (self._pins.pop(k, None) for k in keys) if p is not None]
+            with self._lock:
+                for pin in pins:
+                    if pin.entry is not None:
+                        pin.entry.refs -= 1
+        if self._disk is not None:
+            for key in keys:
+                self._disk.unpin(key)
+        return len(pins)
+
+    def pinned_keys(self) -> set[str]:
+        with self._pin_lock:
+            return set(self._pins)
+
+    @property
+    def disk(self) -> DiskTier | None:
+        return self._disk
+
+    @property
+    def remote(self) -> RemoteTier | None:
+        return self._remote
+
     def remove(self, key: str) -> None:
         """Remove a chunk from every tier (a pinned host copy stays until unpinned)."""
         self.flush_pending()
@@ -402,18 +504,20 @@ class TieredStore(WritePath):
             if backend is not None:
                 backend.remove(key)
 
-    def clear(self) -> None:
+    def clear(self, tiers: Sequence[Tier] = tuple(Tier)) -> None:
+        """Empty ``tiers`` (default all); pinned chunks (loans, control-API pins) stay in host and disk."""
         self.flush_pending()
-        with self._lock:
-            self._pending.clear()
-            self._through.clear()
-            self._retry.clear()
-            if self._host is not None:
-                self._host.reap()
-                for key in self._host.keys():
-                    self._host.remove(key)
-        for backend in (self._disk, self._remote):
-            if backend is not None:
+        if Tier.HOST in tiers:
+            with self._lock:
+                self._pending.clear()
+                self._through.clear()
+                self._retry.clear()
+                if self._host is not None:
+                    self._host.reap()
+                    for key in self._host.keys():
+                        self._host.remove(key)
+        for tier, backend in ((Tier.DISK, self._disk), (Tier.REMOTE, self._remote)):
+            if backend is not None and tier in tiers:
                 backend.clear()
 
     def close(self, timeout_s: float | None = None) -> None:

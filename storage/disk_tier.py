@@ -20,7 +20,11 @@
   processes share; LFU counts restart). That brings in other processes' files
   and forgets files removed behind the count's back (``prune``, ``rm``, a
   crash). Opening a directory rescans it and trims it to the budget at once.
-- Bad files are moved to ``<root>/quarantine/`` and are never served.
+- Bad files are moved to ``<root>/quarantine/`` and are never served; so is anything
+  under a chunk's name that is not a regular file (a FIFO, a device, a directory).
+- Pinned keys (``pin``, the control API's) are never chosen as victims and
+  ``clear`` keeps them, so pinned files may hold the directory over budget.
+  Pins live in this process's memory: other processes and a restart do not see them.
 - Private by default: what the tier creates (directories, chunk and temporary
   files, the usage file) is ``0700``/``0600``, or ``2770``/``0660`` owned by
   ``shared_group``; see ``file_modes.py``. An existing root keeps its mode (a
@@ -37,6 +41,7 @@ import fcntl
 import logging
 import math
 import os
+import stat
 import struct
 import threading
 import time
@@ -110,6 +115,7 @@ class DiskTier:
         self._lock = threading.Lock()
         self._dir_lock = threading.Lock()  # flock excludes processes, not the threads of one
         self._sizes: dict[str, int] = {}  # the files this process knows; a subset of the directory
+        self._pinned: set[str] = set()  # never evicted by this process's trims
         self._policy_name = policy
         self._policy = make_policy(policy)
         self._last_rescan = -math.inf
@@ -187,7 +193,7 @@ class DiskTier:
 
     def _pop_coldest(self) -> str | None:
         with self._lock:
-            key = next(iter(self._policy.coldest()), None)
+            key = next((k for k in self._policy.coldest() if k not in self._pinned), None)
             if key is not None:
                 self._forget(key)
             return key
@@ -268,16 +274,16 @@ class DiskTier:
         """The blob, or None when the file is gone or unreadable.
 
         Raises ``CorruptChunk`` for a file longer than ``max_bytes`` (nothing
-        valid is that long), without reading it.
+        valid is that long) or one that is not a regular file (a FIFO, a
+        device, a directory), without reading it.
         """
         path = self.path(key)
         try:
-            with path.open("rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if max_bytes is not None and size > max_bytes:
-                    raise CorruptChunk(f"file is {size} bytes, more than any chunk of this layout ({max_bytes})")
-                blob = f.read()
-            os.utime(path)  # LRU order survives restarts
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO must not wait for a writer
+            try:
+                blob = _read_regular(fd, max_bytes)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             with self._lock:
                 self._forget(key)
@@ -285,6 +291,8 @@ class DiskTier:
         except OSError as e:
             log.warning("disk tier: cannot read %s: %s", path, e)
             return None
+        with contextlib.suppress(OSError):  # e.g. a read-only mount: the blob is still good
+            os.utime(path)  # LRU order survives restarts
         with self._lock:
             self._policy.touch(key)
         return blob
@@ -317,9 +325,36 @@ class DiskTier:
             self._forget(key)
         self._free(lambda: _unlink(self.path(key)))
 
+    def pin(self, key: str) -> bool:
+        """Keep ``key``'s file out of eviction and ``clear``; False when no file holds it."""
+        if not self.contains(key):
+            return False
+        with self._lock:
+            self._pinned.add(key)
+        return True
+
+    def unpin(self, key: str) -> None:
+        with self._lock:
+            self._pinned.discard(key)
+
     def clear(self) -> None:
-        for key in self.keys():
+        """Remove every file this process knows, except pinned ones."""
+        with self._lock:
+            keys = [k for k in self._sizes if k not in self._pinned]
+        for key in keys:
             self.remove(key)
+
+
+def _read_regular(fd: int, max_bytes: int | None) -> bytes:
+    """The whole file behind ``fd``; CorruptChunk, before any read, unless it is a regular
+    file of at most ``max_bytes``. Reads at most the size it had when opened."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptChunk(f"not a regular file ({stat.filemode(st.st_mode)})")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise CorruptChunk(f"file is {st.st_size} bytes, more than any chunk of this layout ({max_bytes})")
+    with open(fd, "rb", closefd=False) as f:
+        return f.read(st.st_size)
 
 
 def _unlink(path: Path) -> int:

@@ -85,6 +85,14 @@ class CircuitBreaker:
         self._probing = False
         self.trips = 0
 
+    @property
+    def state(self) -> str:
+        """'closed' (calls pass), 'open' (refused until the back-off ends) or 'half_open' (one probe may pass)."""
+        with self._lock:
+            if self._open_until is None:
+                return "closed"
+            return "open" if self._clock() < self._open_until else "half_open"
+
     def allow(self) -> bool:
         with self._lock:
             if self._open_until is None:
@@ -139,6 +147,22 @@ class RemoteTier:
     @property
     def breaker_trips(self) -> int:
         return self._breaker.trips
+
+    @property
+    def breaker_state(self) -> str:
+        return self._breaker.state
+
+    def ping(self) -> str | None:
+        """None when the server answers PING, else why not (redacted); skips the server while the breaker is open."""
+        if not self._breaker.allow():
+            return "circuit breaker open"
+        try:
+            self._client.ping()
+        except Exception as e:  # redis.RedisError, OSError
+            self._failed("ping", "-", e)
+            return self._scrub(str(e)) or type(e).__name__
+        self._breaker.record_success()
+        return None
 
     def _call(self, op: str, key: str, fn: Callable[[], T], default: T) -> T:
         """``fn()``, or ``default`` when the breaker is open or the call fails."""

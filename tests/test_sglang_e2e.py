@@ -3,7 +3,8 @@
 One scenario, run in order on real servers (they take about a minute each to
 start on two cores, so the module shares them):
 
-  phase 1  server L1 (our tiers; 1024-token device pool, a 20-chunk host tier, a disk dir)
+  phase 1  server L1 (our tiers; 1024-token device pool, a 30-chunk host tier, a disk dir;
+           save_policy write_through: each prefill's chunks also go to the host tier)
            A: device hits; traffic evicts A; B (A's prefix): host hits;
            a flood overflows the host; B: disk hits; /flush_cache persists the rest
   phase 2  perturb prompt C's chunk files (valid checksums), corrupt prompt D's
@@ -40,7 +41,7 @@ pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 CHUNK = 64  # tokens per chunk; a multiple of --page-size 16
 PREFIX = 512  # 8 chunks
 CHUNK_BYTES = 2 * 2 * CHUNK * 2 * 16 * 4  # layers * K/V * tokens * kv heads * head dim * fp32
-HOST_CHUNKS = 20
+HOST_CHUNKS = 30  # holds A (8 chunks) and the 18 written through by the first traffic
 
 
 class Server(LocalServer):
@@ -106,7 +107,7 @@ def results(model, workdir) -> dict:
         out["B_host"] = l1.generate(A + [13, 14, 15])
         l1.generate(C + [7, 8, 9])
         l1.generate(D + [7, 8, 9])
-        traffic(l1, OTHERS[3:])  # 54 chunks through a 20-chunk host tier: A, C, D go down to disk
+        traffic(l1, OTHERS[3:])  # 54 chunks through a 30-chunk host tier: A, C, D go down to disk
         out["B_disk"] = l1.generate(A + [13, 14, 15])
         l1.flush()  # device tree dropped; host chunks written down
         out["l1_log"] = l1.log_tail(200_000)

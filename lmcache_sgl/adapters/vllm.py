@@ -25,6 +25,7 @@ Inside the connector a failure is a logged miss, never a crash.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -41,6 +42,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from ..config import CacheConfig
 from ..model_identity import model_identity
 from .vllm_scheduler import LMCacheSGLMetadata, LookupClient, SchedulerSide
+from .vllm_stats import LMCacheSGLPromMetrics, LMCacheSGLStats
 from .vllm_worker import LookupServer, WorkerSide, attention_backends
 
 if TYPE_CHECKING:
@@ -136,6 +138,20 @@ class LMCacheSGLConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
+
+    # ---- stats (vLLM's periodic log line and /metrics) ---------------------------
+
+    def get_kv_connector_stats(self) -> LMCacheSGLStats | None:
+        """Worker side: the store's counters that grew since vLLM last asked (see ``vllm_stats.py``)."""
+        return self._worker.take_stats() if self._worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> LMCacheSGLStats:
+        return LMCacheSGLStats(data=copy.deepcopy(data) if data else {})  # the logger's aggregate mutates it
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return LMCacheSGLPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self._server is not None:

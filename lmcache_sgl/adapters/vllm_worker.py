@@ -35,6 +35,7 @@ from ..layout import ChunkLayout, dtype_name
 from ..tiered_store import TieredStore
 from ..triton_kernels import gather, scatter, vllm_pool
 from .vllm_scheduler import LMCacheSGLMetadata, TransferSpec
+from .vllm_stats import LMCacheSGLStats, StatsReporter
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ class WorkerSide:
         self._load_errors: set[int] = set()  # reported to vLLM, which rolls their requests back
         self._poisoned: set[int] = set()  # blocks that failed to load this step, for every request
         self._clock = PrefillClock(min_tokens=config.chunk_size)
+        self._reporter = StatsReporter(tp_rank)
+        self.counts = {"loaded_tokens": 0, "recomputed_blocks": 0}  # this worker's own, for the stats
 
     # ---- setup ---------------------------------------------------------------
 
@@ -156,6 +159,7 @@ class WorkerSide:
             log.exception("lmcache_sgl: TP ranks could not agree on the loads; all are recomputed")
             loaded = [spec.start for spec in meta.loads]
         for spec, end in zip(meta.loads, loaded):
+            self.counts["loaded_tokens"] += max(end - spec.start, 0)
             if end > spec.start:
                 log.info("lmcache_sgl: request %s loaded %d prompt tokens from the store", spec.req_id,
                          end - spec.start)
@@ -166,6 +170,7 @@ class WorkerSide:
                             spec.start, spec.end, len(bad))
                 self._load_errors.update(bad)
                 self._poisoned.update(bad)
+                self.counts["recomputed_blocks"] += len(bad)
 
     def _load_one(self, spec: TransferSpec) -> int:
         """Load tokens [start, end); returns where the loaded prefix ends (start on failure)."""
@@ -211,6 +216,12 @@ class WorkerSide:
                 log.exception("lmcache_sgl: save of request %s failed; its chunks stay uncached", spec.req_id)
 
     # ---- results and lifecycle -------------------------------------------------
+
+    def take_stats(self) -> LMCacheSGLStats | None:
+        """The counters that grew since the last call (vLLM asks after every step); None when none did."""
+        if self.store is None:
+            return None
+        return self._reporter.take(self.store.stats(), self.counts)
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

@@ -11,7 +11,7 @@ import torch
 
 from ...keys import ModelFingerprint
 from ...layout import dtype_name
-from ...triton_kernels import gather, scatter, sglang_mha_pool
+from ...triton_kernels import TransferStream, gather, scatter, sglang_mha_pool
 
 
 class DeviceKV:
@@ -20,31 +20,53 @@ class DeviceKV:
     Both copies are synchronous with respect to the engine: on CUDA the device
     is synchronized first, so a gather never reads KV that a forward pass is
     still writing, and a scatter is complete before the next forward reads it.
+    A gather runs on a side stream (``TransferStream``), so called from a
+    worker thread it never queues behind, or in front of, the forward's kernels.
+    ``scatter_layer`` is the one asynchronous copy (``layer_load.LayerLoader``).
     """
 
     def __init__(self, kvcache) -> None:
         layers = range(kvcache.start_layer, kvcache.start_layer + kvcache.layer_num)
         kv = [kvcache.get_kv_buffer(i) for i in layers]
         self.pool = sglang_mha_pool([k for k, _ in kv], [v for _, v in kv])
+        self.layer_pools = [sglang_mha_pool([k], [v]) for k, v in kv]  # one view per layer, for layer-wise loads
         self.num_layers = len(kv)
         self.num_kv_heads = self.pool.num_heads
         self.head_dim = self.pool.head_dim
         self.dtype = self.pool.dtype
         self.device = self.pool.device
+        self._stream = TransferStream(self.device) if self.device.type == "cuda" else None  # for gathers
 
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
-        """Slots [T] -> a host chunk [L, 2, T, H, D]."""
-        self._sync()
+        """Slots [T] -> a host chunk [L, 2, T, H, D]. Thread-safe; blocks the calling thread only."""
+        self.sync()
         slots = slots.to(self.device, torch.int64)
-        return gather(self.pool, slots, check_slots=False).cpu()
+        if self.device.type != "cuda":
+            return gather(self.pool, slots, check_slots=False)
+        out = self.pool.empty_chunk(slots.numel(), device="cpu", pin_memory=True)  # written by the kernel
+        with self._stream.launch(slots) as done:
+            gather(self.pool, slots, out, check_slots=False)
+        done.synchronize()
+        return out
+
+    def scatter_layer(self, layer: int, slots: torch.Tensor, layer_kv: torch.Tensor) -> None:
+        """Queue the copy of ``layer_kv`` [1, 2, T, H, D] (host) into ``layer``'s pool ``slots`` [T].
+
+        Asynchronous on CUDA: it runs on the caller's current stream (a
+        ``TransferStream`` side stream), and the caller synchronizes.
+        """
+        pool = self.layer_pools[layer]
+        scatter(pool, slots.to(self.device, torch.int64, non_blocking=True),
+                layer_kv.to(self.device, non_blocking=True), check_slots=False)
 
     def scatter(self, slots: torch.Tensor, chunk: torch.Tensor) -> None:
         """Write ``chunk`` [L, 2, T, H, D] into pool ``slots`` [T]."""
-        self._sync()
+        self.sync()
         scatter(self.pool, slots.to(self.device, torch.int64), chunk.to(self.device), check_slots=False)
-        self._sync()
+        self.sync()
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """On CUDA, wait for all the device's work (every stream); nothing on CPU."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -19,7 +19,13 @@ shims, which change nothing on CUDA machines):
              ``get_cached_tokens_details`` (AFTER) tags the per-tier breakdown
              in each response's ``meta_info``; ``Scheduler.run_event_loop``
              (BEFORE) installs the SIGTERM/SIGINT handlers that persist the
-             cache on a stop (``persist.py``).
+             cache on a stop (``persist.py``). With ``enable_blending`` the
+             same schedule hook installs the blend runtime (``blend_runtime.py``);
+             ``LlamaModel.forward`` and the prefill graph's ``can_run_graph``
+             (AROUND) blend a batch with a blend request (``blend_hook.py``) and
+             otherwise call SGLang's own code.
+  control    ``Scheduler.get_internal_state`` (AROUND) answers the ``/lmcache/*``
+             routes the launcher hook adds (``control_http.py``).
   detokenizer  ``DetokenizerManager.__init__`` (AFTER): outlives a process-group
              SIGTERM while the scheduler flushes (``persist.outlive_group_stop``).
 
@@ -43,6 +49,7 @@ _DETAILS_TARGET = ("sglang.srt.managers.scheduler_components.output_streamer."
 _SCHEDULER_TARGET = "sglang.srt.managers.scheduler.Scheduler.init_schedule_policy"
 _LOOP_TARGET = "sglang.srt.managers.scheduler.Scheduler.run_event_loop"
 _DETOKENIZER_TARGET = "sglang.srt.managers.detokenizer_manager.DetokenizerManager.__init__"
+_CONTROL_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
 
 
 class UnsupportedSGLang(RuntimeError):
@@ -81,6 +88,10 @@ def load() -> None:
     HookRegistry.register(_SCHEDULER_TARGET, after_init_schedule_policy, HookType.AFTER)
     HookRegistry.register(_LOOP_TARGET, before_run_event_loop, HookType.BEFORE)
     HookRegistry.register(_DETOKENIZER_TARGET, after_detokenizer_init, HookType.AFTER)
+    from .control_http import around_get_internal_state
+
+    HookRegistry.register(_CONTROL_TARGET, around_get_internal_state, HookType.AROUND)
+    _register_blend_hooks(HookRegistry, HookType)
     _register_backend()
     cpu_shims.apply()  # last: its ValueError (a bad LMCACHE_SGL_CPU_EXTEND_ATTN) must not skip the hooks
 
@@ -106,6 +117,9 @@ def before_resolve_once(server_args, *args, **kwargs):
         raise ValueError("--enable-lmcache extends the radix cache; drop --disable-radix-cache")
     server_args.enable_lmcache = False  # keep SGLang off its own LMCache code paths
     server_args.radix_cache_backend = BACKEND_NAME
+    from .control_http import install_routes
+
+    install_routes()  # /lmcache/* on this process's HTTP app, answered by the schedulers
     log.info("lmcache_sgl: --enable-lmcache -> radix cache backend %r (chunk_size=%d, host %.2f GiB, disk %s)",
              BACKEND_NAME, config.chunk_size, config.max_local_cpu_size if config.local_cpu else 0.0,
              config.local_disk or "off")
@@ -113,8 +127,11 @@ def before_resolve_once(server_args, *args, **kwargs):
 
 
 def after_cached_tokens_details(details, streamer, req, *args, **kwargs):
-    """Name our disk tier in ``meta_info.cached_tokens_details`` (SGLang calls it "storage")."""
-    if details is None or not _is_ours(getattr(streamer, "tree_cache", None)):
+    """Name our disk tier in ``meta_info.cached_tokens_details`` (SGLang calls it "storage"); add blend counts."""
+    if not _is_ours(getattr(streamer, "tree_cache", None)):
+        return None
+    details = _with_blend_counts(details, req)
+    if details is None:
         return None
     details.setdefault("storage", 0)
     details["storage_backend"] = BACKEND_NAME
@@ -134,6 +151,10 @@ def after_init_schedule_policy(result, scheduler, *args, **kwargs):
     if not _is_ours(tree):
         return None
     scheduler.enable_lmcache = True
+    if tree.link.store.config.enable_blending:
+        from .blend_runtime import install_for_scheduler
+
+        install_for_scheduler(scheduler, tree)  # raises (stops the launch) on a model blending cannot serve
     tree.bind_engine_busy(lambda: not scheduler.running_batch.is_empty() or scheduler.chunked_req is not None)
     return None
 
@@ -159,6 +180,28 @@ def after_detokenizer_init(result, manager, server_args, *args, **kwargs):
 
     outlive_group_stop(CacheConfig.load(server_args.lmcache_config_file).shutdown_flush_timeout_s)
     return None
+
+
+def _with_blend_counts(details, req):
+    """``"blend"``: prompt tokens loaded from stored segments; ``"blend_recomputed"``: of those, recomputed."""
+    from .blend_runtime import active
+
+    runtime = active()
+    finished = getattr(req, "finished", lambda: True)()
+    stats = runtime.stats(req.rid, finished=finished) if runtime is not None else None
+    if stats is None:
+        return details
+    details = dict(details) if details is not None else {"device": 0, "host": 0}
+    details["blend"], details["blend_recomputed"] = stats.reused, stats.recomputed
+    return details
+
+
+def _register_blend_hooks(registry, hook_type) -> None:
+    """Both hooks call SGLang's original unless this process has an active blend runtime."""
+    from .blend_hook import FORWARD_TARGET, GRAPH_TARGET, around_can_run_graph, around_llama_forward
+
+    registry.register(FORWARD_TARGET, around_llama_forward, hook_type.AROUND)
+    registry.register(GRAPH_TARGET, around_can_run_graph, hook_type.AROUND)
 
 
 def _is_ours(tree_cache) -> bool:

@@ -17,10 +17,20 @@ Protocol with the scheduler (sglang 0.5.23, the HiCache load-back path):
    all promised tokens or none (a failed load is a logged miss and the
    request is prefilled). The scheduler raises on a partial commit
    (``schedule_policy.py``: "must commit all promised FULL tokens or none").
-3. ``_evict_device_leaf`` (allocator-driven eviction) first puts the full
-   chunks that the leaf completes into the store. A chunk may span several
+3. ``insert`` (after a prefill, at a request's end) counts a hit on each
+   full chunk it newly covers; at ``save_policy``'s threshold (write_through:
+   the first, write_through_selective: the second) the path is locked and a
+   worker copies the chunks into the store (``backups.BackupQueue``). The lock
+   is dropped in ``check_hicache_events`` (each step) once every TP rank's copy
+   is done, so an eviction never frees slots a copy still reads.
+4. ``_evict_device_leaf`` (allocator-driven eviction) first puts the full
+   chunks that the leaf completes and the store lacks. A chunk may span several
    nodes; its earlier tokens sit in ancestors, which are still on the device
    because eviction takes leaves first.
+
+On CUDA, a load-back's copies run per layer on a side stream and the forward
+of layer i waits only for layer i (``layer_load``); on CPU they finish in
+``init_load_back``.
 
 The tier split of a request's cached tokens goes to ``req.storage_hit_*``,
 which SGLang turns into ``meta_info.cached_tokens_details``
@@ -40,6 +50,7 @@ bypass the store: their KV is not a function of the token ids alone.
 from __future__ import annotations
 
 import logging
+import time
 from array import array
 from typing import NamedTuple
 
@@ -54,6 +65,9 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.unified_radix_cache import NodeId, UnifiedRadixCache
 
+from . import blend_runtime
+from .backups import Backup, BackupQueue
+from .layer_load import LayerLoader
 from .persist import StopSignals, persist
 from .tier_link import Loaded, LoadPlan, Prefetch, TierLink, token_array
 
@@ -75,8 +89,11 @@ class TieredRadixCache(UnifiedRadixCache):
         self._plans: dict[str, LoadPlan] = {}  # rid -> the hits its last match reported
         self._prefetches: dict[str, Prefetch] = {}  # rid -> its prefetch, from a match until admission or release
         self._engine_busy = lambda: False  # bound to the scheduler's running batch by the plugin
+        self.backups = BackupQueue(lambda job, valid: link.save_chunks(job.tokens, job.slots, job.chunks, valid))
         super().__init__(params)  # calls reset() on an empty tree: nothing to persist yet
         self.stop_signals: StopSignals | None = None  # set by the plugin in the scheduler process
+        # CUDA: load-backs per layer, the forward waiting per layer; None on CPU (whole loads).
+        self.layer_loader = LayerLoader.for_pool(self.token_to_kv_pool_allocator.get_kvcache(), link.device_kv)
         if self.page_size and link.chunk_size % self.page_size:
             raise ValueError(f"lmcache chunk_size={link.chunk_size} must be a multiple of --page-size={self.page_size}")
 
@@ -85,6 +102,8 @@ class TieredRadixCache(UnifiedRadixCache):
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         result = super().match_prefix(params)
         req = params.req
+        if req is not None and (blend := blend_runtime.active()) is not None:
+            blend.note(req)  # once per request: its stored segments; marks a blend request
         if req is None or self.disable or not _storable(params.key):
             return result
         plan = self.link.plan(token_array(params.key.raw_token_ids()), result.device_prefix_len)
@@ -141,13 +160,22 @@ class TieredRadixCache(UnifiedRadixCache):
     def release_aborted_request(self, request) -> None:
         super().release_aborted_request(request)
         self._plans.pop(request.rid, None)
+        if (blend := blend_runtime.active()) is not None:
+            blend.forget(request.rid)
         self._close_prefetch(request.rid)
 
     def has_pending_cache_operations(self) -> bool:
-        return any(not p.done() for p in self._prefetches.values())
+        return self.backups.unreleased() > 0 or any(not p.done() for p in self._prefetches.values())
 
     def check_hicache_events(self) -> None:
-        """Per scheduler step: nothing to poll; prefetch progress is read at admission."""
+        """Per scheduler step: unlock the paths whose write-through copies every rank finished.
+
+        A collective under TP when backups are unreleased (the count is equal on
+        every rank). Prefetch progress is read at admission, not here.
+        """
+        if self.backups.unreleased():
+            for job in self.backups.release(self.link.agree.min(self.backups.finished())):
+                self.unlock(job.lock)
 
     def bind_engine_busy(self, busy) -> None:
         """``busy()``: whether the engine has requests running, read by best_effort admission."""
@@ -211,7 +239,10 @@ class TieredRadixCache(UnifiedRadixCache):
             log.warning("lmcache_sgl: %s: no room for %d loaded tokens; prefilling instead", req.rid, num_new)
             return None
         try:
-            self.link.device_kv.scatter(slots, loaded.kv)
+            if self.layer_loader is not None:
+                self.layer_loader.load(slots, loaded.kv)  # queued; the forward waits per layer
+            else:
+                self.link.device_kv.scatter(slots, loaded.kv)
         except Exception:
             self.token_to_kv_pool_allocator.free(slots)
             raise
@@ -222,7 +253,7 @@ class TieredRadixCache(UnifiedRadixCache):
         device_len, slots, loaded = plan.device_len, staged.slots, staged.loaded
         prefix = self.path_device_indices(req.last_node)[:device_len]
         key = RadixKey(array("q", plan.tokens.tolist()), req.extra_key, cache_salt=req.cache_salt)
-        result = self.insert(InsertParams(key=key, value=torch.cat([prefix.to(slots.device), slots]),
+        result = super().insert(InsertParams(key=key, value=torch.cat([prefix.to(slots.device), slots]),
                                           prev_prefix_len=device_len, inserted_len=device_len,
                                           priority=req.priority or 0))
         last = result.last_device_node
@@ -245,6 +276,28 @@ class TieredRadixCache(UnifiedRadixCache):
         return allocator.alloc(num_tokens)
 
     # ---- save path ---------------------------------------------------------
+
+    def insert(self, params: InsertParams):
+        result = super().insert(params)
+        if not self.disable and _storable(params.key):
+            try:
+                self._write_through(params, result.last_device_node)
+            except Exception:  # noqa: BLE001 - engine boundary: a failed backup is left to eviction
+                log.exception("lmcache_sgl: starting a write-through backup failed")
+        return result
+
+    def _write_through(self, params: InsertParams, node: NodeId) -> None:
+        """Lock the inserted path and queue the copy of its chunks that ``save_policy`` makes due."""
+        tokens = token_array(params.key.raw_token_ids())
+        chunks = self.link.backup_chunks(tokens, params.inserted_len)
+        if not chunks:
+            return
+        slots = self.path_device_indices(node)  # [path length], root -> node
+        if len(slots) < (chunks[-1] + 1) * self.link.chunk_size:
+            return  # the insert stopped short of the key (cannot happen with page-aligned keys)
+        lock = self.lock(node)
+        if not self.backups.submit(Backup(tokens, slots, chunks, lock)):
+            self.unlock(lock)  # too many copies waiting: eviction saves these chunks instead
 
     def _evict_device_leaf(self, node_id: NodeId, tracker):
         try:
@@ -279,8 +332,8 @@ class TieredRadixCache(UnifiedRadixCache):
         """``/flush_cache``: save the device tree's full chunks, write the store to disk, drop the tree."""
         constructed = hasattr(self, "stop_signals")  # False inside UnifiedRadixCache.__init__
         if constructed:
-            _quietly(lambda: persist(self, "/flush_cache", self.link.store.config.shutdown_flush_timeout_s),
-                     "persisting the cache")
+            left_s = self._settle_backups(self.link.store.config.shutdown_flush_timeout_s)
+            _quietly(lambda: persist(self, "/flush_cache", left_s), "persisting the cache")
         super().reset()
         if constructed:
             self._plans.clear()
@@ -290,11 +343,25 @@ class TieredRadixCache(UnifiedRadixCache):
     def release_host_resources(self) -> None:
         """Shutdown (SGLang's ShutdownReq, or our SIGTERM/SIGINT handler): persist, close, chain the signal."""
         timeout_s = self.link.store.config.shutdown_flush_timeout_s
-        _quietly(lambda: persist(self, "shutdown", timeout_s), "persisting the cache")
+        left_s = self._settle_backups(timeout_s)
+        _quietly(lambda: persist(self, "shutdown", left_s), "persisting the cache")
+        self.backups.close()
         super().release_host_resources()
         _quietly(lambda: self.link.store.close(timeout_s=1.0), "closing the store")  # flushed just above
         if self.stop_signals is not None:
             self.stop_signals.chain()
+
+    def _settle_backups(self, timeout_s: float) -> float:
+        """Before the tree is dropped or saved whole: let running copies end, then forget them all.
+
+        Returns what is left of ``timeout_s``, for the flush that follows (one bound for the whole stop).
+        """
+        start = time.monotonic()
+        if not self.backups.wait_finished(timeout_s):
+            log.error("lmcache_sgl: write-through copies still running after %.0f s; they are dropped", timeout_s)
+        for job in self.backups.discard():
+            _quietly(lambda job=job: self.unlock(job.lock), "unlocking a backed-up path")
+        return max(0.0, timeout_s - (time.monotonic() - start))
 
     def available_and_evictable_str(self) -> str:
         c = self.link.counters

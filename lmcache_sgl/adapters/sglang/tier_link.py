@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +33,10 @@ from .device_kv import DeviceKV
 from .tp_agree import RankAgreement
 
 log = logging.getLogger(__name__)
+
+# save_policy -> the hit count at which an inserted chunk is copied into the store (None: only on eviction).
+SAVE_THRESHOLDS = {"write_through": 1, "write_through_selective": 2, "write_back": None}
+MAX_COUNTED_CHUNKS = 1 << 17  # hit counts kept, least recently inserted dropped first
 
 
 class LoadPlan(NamedTuple):
@@ -99,6 +104,7 @@ class TierLink:
         self.chunk_size = store.config.chunk_size
         self.counters = LinkCounters()
         self._lock = threading.Lock()
+        self._hits: OrderedDict[str, int] = OrderedDict()  # chunk key -> inserts that covered it, LRU first
 
     # ---- save (device -> store) -------------------------------------------
 
@@ -109,29 +115,66 @@ class TierLink:
         root; the path is still on the device. Returns how many chunks were put.
         """
         c = self.chunk_size
-        n_full = len(tokens) // c
-        first = node_start // c
-        if first >= n_full:
+        return self.save_chunks(tokens, slots, range(node_start // c, len(tokens) // c))
+
+    def save_chunks(self, tokens: np.ndarray, slots: torch.Tensor, chunks: Sequence[int],
+                    still_valid: Callable[[], bool] | None = None) -> int:
+        """Store the full chunks ``chunks`` (indices, ascending) of a device path; how many were put.
+
+        ``slots`` [>= (chunks[-1] + 1) * C] are the path's device slots from the
+        root, which must stay on the device (locked or not evictable) until the
+        copy ends; nothing is put if ``still_valid()`` is False after the copy.
+        """
+        c = self.chunk_size
+        if not chunks:
             return 0
         try:
-            keys = prefix_keys(self.fingerprint, tokens[:n_full * c], c)
-            todo = [first + i for i in self.store.missing(keys[first:n_full])]
+            keys = prefix_keys(self.fingerprint, tokens[:(chunks[-1] + 1) * c], c)
+            todo = [chunks[i] for i in self.store.missing([keys[i] for i in chunks])]
             if not todo:
                 return 0
             index = torch.cat([torch.arange(i * c, (i + 1) * c) for i in todo])
             kv = self.device_kv.gather(slots[index.to(slots.device)])  # [L, 2, len(todo)*C, H, D]
+            if still_valid is not None and not still_valid():
+                return 0  # the slots were released while we copied: the KV may be torn
             put = 0
             for j, i in enumerate(todo):
                 put += self.store.put(keys[i], tokens[i * c:(i + 1) * c], kv[:, :, j * c:(j + 1) * c],
                                       start_pos=i * c, presence_checked=True)
         except Exception:  # noqa: BLE001 - engine boundary: a failed save is a dropped save
-            log.exception("lmcache_sgl: saving %d evicted chunk(s) failed; they are dropped", n_full - first)
+            log.exception("lmcache_sgl: saving %d chunk(s) failed; they are dropped", len(chunks))
             with self._lock:
                 self.counters.save_failures += 1
             return 0
         with self._lock:
             self.counters.saved_chunks += put
         return put
+
+    def backup_chunks(self, tokens: np.ndarray, inserted_len: int) -> tuple[int, ...]:
+        """Chunks of an inserted path that ``save_policy`` saves now (indices, ascending).
+
+        An insert counts one hit for each full chunk it newly covers, those
+        ending after ``inserted_len`` (the same request's earlier inserts
+        counted the rest). A chunk is due when its count reaches the policy's
+        threshold: 1 for write_through, 2 for write_through_selective; never
+        for write_back. Counts depend on the token ids alone: equal on every TP rank.
+        """
+        threshold = SAVE_THRESHOLDS[self.store.config.save_policy]
+        c = self.chunk_size
+        first, n_full = inserted_len // c, len(tokens) // c
+        if threshold is None or first >= n_full:
+            return ()
+        keys = prefix_keys(self.fingerprint, tokens[:n_full * c], c)
+        due = []
+        with self._lock:
+            for i in range(first, n_full):
+                count = self._hits.pop(keys[i], 0) + 1
+                self._hits[keys[i]] = count  # most recent last
+                if count == threshold:
+                    due.append(i)
+            while len(self._hits) > MAX_COUNTED_CHUNKS:
+                self._hits.popitem(last=False)
+        return tuple(due)
 
     # ---- plan (a cheap lookup, no data moved) -------------------------------
 
