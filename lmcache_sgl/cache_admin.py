@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 from .storage.chunk_file import (MAX_RAW_BYTES, ChunkHeader, CorruptChunk, decode_chunk, max_blob_bytes,
                                   read_chunk, read_stream_header)
-from .storage.disk_tier import QUARANTINE, DiskTier, chunk_path, iter_chunk_files
+from .storage.disk_tier import QUARANTINE, DiskTier, chunk_path, iter_chunk_files, open_regular
 from .storage.file_modes import create_file, exposure, file_modes
 
 _KEY = re.compile(r"^[0-9a-f]{32}$")
@@ -42,14 +42,14 @@ def open_root(root: str | os.PathLike) -> Path:
 
 def read_file_header(path: Path) -> ChunkHeader:
     """Parse a chunk file's header, reading only the header. Raises CorruptChunk or OSError."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         return read_stream_header(f)[0]
 
 
 def read_file_blob(path: Path) -> bytearray:
     """A chunk file's bytes, header first: a file over its header's bound is refused
     before the payload is read. Raises CorruptChunk or OSError."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         return read_chunk(f, os.fstat(f.fileno()).st_size)[1]
 
 

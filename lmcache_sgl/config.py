@@ -26,6 +26,9 @@ from .storage.remote_tier import URL_SCHEMES, redact_url
 ENV_PREFIX = "LMCACHE_"
 TOOL_ENV_PREFIX = "LMCACHE_SGL_"  # the project's own switches (shims, model cache), not config keys
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+# LMCache's own process switches (usage reporting, its logger), not config keys: a user moving
+# from LMCache keeps them set as LMCache advises, so they are ignored rather than refused.
+LMCACHE_PROCESS_ENV = frozenset({"LMCACHE_TRACK_USAGE", "LMCACHE_LOG_LEVEL"})
 GiB = 1 << 30
 
 CACHE_POLICIES = ("LRU", "FIFO", "LFU")
@@ -204,7 +207,8 @@ def _read_env(environ: Mapping[str, str]) -> dict[str, str]:
     out = {}
     for name, value in environ.items():
         # LMCACHE_SGL_* belong to the project's tools and shims, not to the config.
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV or name.startswith(TOOL_ENV_PREFIX):
+        if (not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV or name.startswith(TOOL_ENV_PREFIX)
+                or name in LMCACHE_PROCESS_ENV):
             continue
         key = name[len(ENV_PREFIX):].lower()
         if key not in _FIELDS:

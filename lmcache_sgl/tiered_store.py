@@ -196,9 +196,8 @@ class TieredStore(WritePath):
         return absent
 
     def _local_tier(self, key: str) -> Tier | None:
-        with self._lock:
-            if key in self._pending or (self._host is not None and key in self._host):
-                return Tier.HOST
+        if self._in_host(key):
+            return Tier.HOST
         if self._disk is not None and self._disk.contains(key):
             return Tier.DISK
         return None
@@ -267,6 +266,8 @@ class TieredStore(WritePath):
     def _token_bytes(keys: Sequence[str], token_ids_per_key: Sequence[TokenIds] | None) -> list[bytes | None]:
         if token_ids_per_key is None:
             return [None] * len(keys)
+        if len(token_ids_per_key) < len(keys):
+            raise ValueError(f"{len(token_ids_per_key)} token id lists for {len(keys)} keys; one per key is required")
         return [token_bytes(token_ids_per_key[i]) for i in range(len(keys))]
 
     def _read_ahead(self, keys: Sequence[str], toks: Sequence[bytes | None]) -> ReadAhead:

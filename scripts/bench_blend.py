@@ -153,9 +153,11 @@ def ttft(model_dir: Path, tokenizer, doc_sets, repeats: int, ratio: float) -> di
     cfg = tmp / "lmcache.yaml"
     cfg.write_text(f"chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 2\nenable_blending: true\n"
                    f"blend_recompute_ratios: [{ratio}]\nblend_check_layers: [{CHECK_LAYER}]\nblend_min_tokens: 128\n")
-    server = LocalServer(model_dir, tmp / "server.log", ["--enable-lmcache", "--lmcache-config-file", str(cfg),
-                                                         "--chunked-prefill-size", "16384", "--context-length",
-                                                         "8192"], pool_tokens=40000)
+    # One chunk per prompt (k=8 is about 4,200 tokens); an explicit memory fraction, since SGLang's CPU
+    # estimate went negative with a large --chunked-prefill-size.
+    flags = ["--enable-lmcache", "--lmcache-config-file", str(cfg), "--chunked-prefill-size", "8192",
+             "--mem-fraction-static", "0.3", "--context-length", "8192"]
+    server = LocalServer(model_dir, tmp / "server.log", flags, pool_tokens=8192)
     try:
         out = {}
         for k, sets in doc_sets.items():
@@ -223,15 +225,20 @@ def main(argv=None) -> int:
             prompts.append((ids, spans, docs))
         report["quality"] = {"k": quality_k, "answer_tokens": answer_len,
                              **quality(model, tokenizer, prompts, answer_len)}
+        write(report, args.json)  # kept if the TTFT part fails
     if not args.skip_ttft:
         doc_sets = {k: [rnd.sample(pool, k) for _ in range(repeats)] for k in ks}
         report["ttft"] = {"ratio": 0.15, "via": "CPU SGLang server, 1-token /generate latency",
                           **ttft(model_dir, tokenizer, doc_sets, repeats, 0.15)}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    print(write(report, args.json))
     return 0
+
+
+def write(report: dict, path: Path | None) -> str:
+    text = json.dumps(report, indent=2)
+    if path:
+        path.write_text(text)
+    return text
 
 
 if __name__ == "__main__":

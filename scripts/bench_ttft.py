@@ -104,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--disk-write-policy", choices=["write_through", "write_back"], default="write_through",
                    help="the stores' disk_write_policy: write_through compresses every put on a background "
                         "thread while the next forward runs (the default, what servers use)")
+    p.add_argument("--io-threads", type=int, default=CacheConfig().io_threads,
+                   help="the stores' io_threads: disk chunks of one request are read and decoded this many at once")
     p.add_argument("--json", help="write the report here")
     args = p.parse_args(argv)
     shape, layers, dtype, prefixes, suffix = DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
@@ -255,11 +257,18 @@ def hit_case(b: Bench, store: TieredStore, ids: np.ndarray, ref: torch.Tensor, d
 
 
 def full_and_miss(b: Bench, store: TieredStore, ids: np.ndarray, rng: np.random.Generator):
-    """`full` and `miss` interleaved, so drift hits both alike; a fresh prompt per miss. Returns (full, miss, ref)."""
+    """`full` and `miss` interleaved, each first in every other run, so drift and position in the pair hit
+    both alike; a fresh prompt per miss. Returns (full, miss, ref)."""
+    turn = iter(range(1 << 30))
+
     def once():
-        full, logits, _ = run_request(b, None, ids)
         miss_ids = rng.integers(0, b.model.config.vocab_size, len(ids))
-        miss, _, cache = run_request(b, store, miss_ids)
+        miss_first = next(turn) % 2 == 1
+        if miss_first:
+            miss, _, cache = run_request(b, store, miss_ids)
+        full, logits, _ = run_request(b, None, ids)
+        if not miss_first:
+            miss, _, cache = run_request(b, store, miss_ids)
         save_s = save_chunks(b, store, cache, miss_ids)
         store.clear()
         return {"full": full["ttft_s"], "miss": miss["ttft_s"], "lookup": miss["get_s"], "save": save_s}, logits
@@ -291,8 +300,10 @@ def bench_prefix(b: Bench, prefix: int, root: str) -> dict:
     ids = rng.integers(0, b.model.config.vocab_size, prefix + b.args.suffix)  # [P + S]
     c, nbytes = b.layout.chunk_size, b.layout.nbytes(prefix)
     host_cfg = CacheConfig(chunk_size=c, max_local_cpu_size=(len(ids) // c + 1) * b.layout.chunk_bytes / GiB,
-                           load_policy="always", disk_write_policy=b.args.disk_write_policy)
+                           load_policy="always", disk_write_policy=b.args.disk_write_policy,
+                           io_threads=b.args.io_threads)
     disk_cfg = CacheConfig(chunk_size=c, local_cpu=False, local_disk=os.path.join(root, f"p{prefix}"),
+                           io_threads=b.args.io_threads,
                            max_local_disk_size=4 * nbytes / GiB + 1, load_policy="always")
     with TieredStore(host_cfg.replace(local_disk=os.path.join(root, f"miss{prefix}")), b.layout) as store:
         full, miss, ref = full_and_miss(b, store, ids, rng)
@@ -333,7 +344,8 @@ def environment(b: Bench, root: str) -> dict:
             "triton": getattr(sys.modules.get("triton"), "__version__", "none"),
             "transformers": sys.modules["transformers"].__version__, "shape": a.shape,
             "layers": fp.num_layers, "kv_heads": fp.num_kv_heads, "head_dim": fp.head_dim, "dtype": a.dtype,
-            "chunk_size": a.chunk_size, "repeats": a.repeats, "disk_write_policy": a.disk_write_policy,
+            "chunk_size": a.chunk_size, "repeats": a.repeats,
+            "disk_write_policy": a.disk_write_policy, "io_threads": a.io_threads,
             "torch_threads": torch.get_num_threads(),
             "disk_dir": root, "disk_fs": fs_type(root)}
 

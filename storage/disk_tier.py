@@ -345,6 +345,22 @@ class DiskTier:
             self.remove(key)
 
 
+@contextlib.contextmanager
+def open_regular(path: str | os.PathLike):
+    """A binary file object for ``path``; CorruptChunk, before any read, unless it is a
+    regular file. Opening never waits for a writer, so a FIFO planted under a chunk's
+    name cannot hang the caller."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptChunk(f"not a regular file ({stat.filemode(st.st_mode)})")
+        with open(fd, "rb", closefd=False) as f:
+            yield f
+    finally:
+        os.close(fd)
+
+
 def _read_regular(fd: int, max_bytes: int | None) -> bytes:
     """The whole file behind ``fd``; CorruptChunk, before any read, unless it is a regular
     file of at most ``max_bytes``. Reads at most the size it had when opened."""

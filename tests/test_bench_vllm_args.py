@@ -149,10 +149,14 @@ def test_warm_up_prompt_is_one_whole_chunk_and_shares_no_prefix_with_the_workloa
     from transformers import AutoTokenizer
     from workload_multiturn import WorkloadSpec, scripted_turns
 
-    from lmcache_sgl.models import ensure_smollm2
+    from conftest import _missing
+    from lmcache_sgl.models import default_model_cache
 
     ids = bench.warm_up_ids(64)
     assert len(ids) // 64 == 1 and len(ids) % 64 > 0
-    tok = AutoTokenizer.from_pretrained(str(ensure_smollm2()))
+    path = default_model_cache()
+    if not (path / "config.json").is_file():
+        _missing(f"the converted SmolLM2 at {path} (scripts/prepare_models.py)")
+    tok = AutoTokenizer.from_pretrained(str(path))
     first = {t.token_ids[0] for t in scripted_turns(tok, WorkloadSpec(2, 1, 16))}
     assert ids[0] not in first

@@ -2,6 +2,7 @@
 
 import threading
 
+import pytest
 import torch
 
 from conftest import prompt_chunks, store_config
@@ -191,3 +192,15 @@ def test_bandwidth_is_recorded_once_per_get(layout, tmp_path):
         store.cost.record_load = lambda tier, nbytes, seconds: seen.append((tier, nbytes, seconds))
         assert len(store.get(keys, toks)) == 6
         assert len(seen) == 1 and seen[0][:2] == (Tier.DISK, 6 * layout.chunk_bytes) and seen[0][2] > 0
+
+
+def test_fewer_token_lists_than_keys_is_a_value_error(layout, tmp_path):
+    """get and borrow refuse token id lists shorter than the keys, naming both counts."""
+    cfg, keys, toks, kvs = _on_disk(layout, tmp_path, 3)
+    with TieredStore(cfg, layout) as store:
+        with pytest.raises(ValueError, match="2 token id lists for 3 keys"):
+            store.get(keys, toks[:2])
+        with pytest.raises(ValueError, match="2 token id lists for 3 keys"):
+            with store.borrow(keys, toks[:2]):
+                pass
+        assert store.stats().hit_chunks["disk"] == 0

@@ -97,13 +97,19 @@ def injected_kv(loaded: Sequence[LoadedSegment], spec: RopeSpec, device: torch.d
 
 
 def save_segments(store: TieredStore, fingerprint: ModelFingerprint, token_ids: Sequence[int], kv: KVSource,
-                  spec: RopeSpec, sep_ids: Sequence[int], min_tokens: int) -> int:
+                  spec: RopeSpec, sep_ids: Sequence[int], min_tokens: int,
+                  exclude_rows: torch.Tensor | None = None) -> int:
     """Store the chunks of the prompt's segments that no tier holds yet; the number stored.
 
-    ``kv``: the prompt's exact K/V from an ordinary prefill (K rotated at positions =
-    rows), in the store's layout and dtype; never a blend's fused K/V.
+    ``kv``: the prompt's K/V computed at every layer (K rotated at positions = rows),
+    in the store's layout and dtype. ``exclude_rows``: bool [N], True at rows whose
+    K/V is not computed (a blend's injected rows); a chunk holding any of them is
+    never stored, so fused K/V never becomes a segment entry.
     """
     _check_mha(store)
+    if exclude_rows is not None and tuple(exclude_rows.shape) != (len(token_ids),):
+        raise ValueError(f"exclude_rows must be a bool mask [{len(token_ids)}], got {tuple(exclude_rows.shape)}")
+    excluded = None if exclude_rows is None else exclude_rows.bool().cpu()
     chunk_size = store.layout.chunk_size
     stored = 0
     for seg in split_segments(token_ids, sep_ids, min_tokens):
@@ -111,6 +117,8 @@ def save_segments(store: TieredStore, fingerprint: ModelFingerprint, token_ids: 
         chunks = segment_chunk_keys(fingerprint, seg_tokens, chunk_size)
         for i in store.missing([c.key for c in chunks]):
             c = chunks[i]
+            if excluded is not None and bool(excluded[seg.start + c.start:seg.start + c.end].any()):
+                continue
             part = _rows(kv, seg.start + c.start, seg.start + c.end)
             stored += store.put(c.key, seg_tokens[c.start:c.end], derotate(part, seg.start, spec), start_pos=c.start,
                                 presence_checked=True)
