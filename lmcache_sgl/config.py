@@ -97,11 +97,14 @@ class CacheConfig:
     shutdown_flush_timeout_s: float = 30.0
     # Threads for compression and file I/O.
     io_threads: int = 4
+    # CPU priority of background writes (disk and Redis encoding): this many nice steps below
+    # the engine, so compression yields cores to the forward and to reads. 0 turns it off.
+    write_nice: int = 10
     # When a request whose store hit lies on disk or Redis is admitted (SGLang, HiCache's names):
     # "best_effort": with what reached host memory, waiting only while nothing else runs;
     # "wait_complete": once every chunk is in host memory (or the read failed);
     # "timeout": like wait_complete for at most prefetch_timeout_ms, then with what arrived.
-    prefetch_policy: str = "best_effort"
+    prefetch_policy: str = "timeout"
     # The wait limit of prefetch_policy "timeout", ms from the request's first admission attempt.
     prefetch_timeout_ms: int = 1000
     # Blended reuse (CacheBlend, docs/blending.md): documents' KV reused at any position in a prompt.
@@ -130,6 +133,7 @@ class CacheConfig:
                  "seconds > 0")
         _require(self.max_pending_writes >= 1, "max_pending_writes", self.max_pending_writes, "an integer >= 1")
         _require(self.io_threads >= 1, "io_threads", self.io_threads, "an integer >= 1")
+        _require(0 <= self.write_nice <= 19, "write_nice", self.write_nice, "an integer in [0, 19]")
         _require(self.prefetch_policy in PREFETCH_POLICIES, "prefetch_policy", self.prefetch_policy,
                  f"one of {PREFETCH_POLICIES}")
         _require(self.prefetch_timeout_ms >= 0, "prefetch_timeout_ms", self.prefetch_timeout_ms, "an integer >= 0 (ms)")

@@ -121,7 +121,8 @@ class TieredStore(WritePath):
                                   config.remote_backoff_max_s, config.remote_ttl_s) if config.remote_url else None
         sinks = [s for s in (self._disk, self._remote) if s is not None]
         self._writer = WriteBack(sinks, self._fingerprint, config.disk_codec, config.byte_shuffle,
-                                 config.max_pending_writes, self._pool, self._write_done) if sinks else None
+                                 config.max_pending_writes, config.io_threads, config.write_nice,
+                                 self._write_done) if sinks else None
         self._write_through = (config.disk_write_policy == "write_through" and self._writer is not None
                                and self._host is not None)  # without a host tier every put is queued anyway
 

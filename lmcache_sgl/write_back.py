@@ -19,10 +19,11 @@ such a chunk in memory and retries it (``RetryQueue``), at most
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
@@ -100,13 +101,21 @@ class RetryQueue:
 
 class WriteBack:
     def __init__(self, sinks: list, fingerprint: dict, codec: str, byte_shuffle: bool,
-                 max_pending: int, pool: Executor, on_done: Callable[[PendingWrite, WriteResult], None]) -> None:
-        """``sinks`` have ``write(key, blob) -> bool``; ``on_done(job, result)`` runs after each job."""
+                 max_pending: int, threads: int, nice: int,
+                 on_done: Callable[[PendingWrite, WriteResult], None]) -> None:
+        """``sinks`` have ``write(key, blob) -> bool``; ``on_done(job, result)`` runs after each job.
+
+        Writes are encoded on a pool of their own, apart from the reads that requests wait on,
+        and the writer's threads run ``nice`` steps below the engine's: a background write
+        never takes a core from the forward or from a read.
+        """
         self._sinks = sinks
         self._fingerprint = fingerprint
         self._codec = codec
         self._shuffle = byte_shuffle
-        self._pool = pool
+        self._nice = nice
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="lmcache-sgl-write",
+                                        initializer=lower_thread_priority, initargs=(nice,))
         self._on_done = on_done
         self._queue: queue.Queue[PendingWrite | None] = queue.Queue(maxsize=max_pending)
         self._thread = threading.Thread(target=self._run, name="lmcache-sgl-writer", daemon=True)
@@ -146,6 +155,7 @@ class WriteBack:
             return False
 
     def _run(self) -> None:
+        lower_thread_priority(self._nice)
         while (job := self._queue.get()) is not None:
             result = WriteResult(False, 0, 0)
             try:
@@ -164,3 +174,15 @@ class WriteBack:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
+        self._pool.shutdown(wait=True)
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority by ``nice`` steps (Linux: nice is per thread)."""
+    if nice <= 0:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (AttributeError, OSError):  # no per-thread priority here: writes simply compete as before
+        pass

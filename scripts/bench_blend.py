@@ -95,28 +95,38 @@ def build_prompt(tokenizer, docs, question: str, system: str, sep_text: str) -> 
 
 # ---- quality ----------------------------------------------------------------------------------
 
-@torch.no_grad()
+@torch.inference_mode()
 def quality(model, tokenizer, prompts, answer_len: int) -> dict:
     spec = rope_spec_of(model)
     per_config = {f"{m}@{r}": [] for m, r in CONFIGS}
     for i, (ids, spans, docs) in enumerate(prompts):
-        prompt = torch.tensor(ids)
-        answer = model.generate(prompt[None], max_new_tokens=answer_len, min_new_tokens=answer_len, do_sample=False,
-                                attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):]
-        full_ids = torch.cat([prompt, answer])
-        full = model(full_ids[None]).logits[0, len(ids) - 1:-1]  # [A, vocab]: teacher-forced on the answer
+        t0 = time.perf_counter()
+        answer, full = full_prefill_answer(model, ids, answer_len)
+        full_ids = torch.cat([torch.tensor(ids), answer])
+        answer_rows = torch.arange(len(ids) - 1, len(full_ids) - 1)  # each predicts the next answer token
         stored = [hf_prompt_kv(model, torch.tensor(d)) for d in docs]  # each document alone, positions 0..T-1
         for method, ratio in CONFIGS:
             shift = 1 if method == "off_by_one" else 0
             injected = inject(stored, spans, spec, shift)
             gen = torch.Generator().manual_seed(i)
             run = hf_blend(model, full_ids, injected, CHECK_LAYER, ratio, "random" if method == "random" else "hkvd",
-                           generator=gen)
-            rows = run.out.rows.tolist()
-            at = [rows.index(p) for p in range(len(ids) - 1, len(full_ids) - 1)]
-            per_config[f"{method}@{ratio}"].append(compare(full, run.logits[at], answer))
-        print(f"  quality: prompt {i + 1}/{len(prompts)} ({len(ids)} tokens)", file=sys.stderr)
+                           generator=gen, logit_rows=answer_rows)
+            per_config[f"{method}@{ratio}"].append(compare(full, run.logits, answer))
+        print(f"  quality: prompt {i + 1}/{len(prompts)} ({len(ids)} tokens) in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr)
     return {name: summarize(rows) for name, rows in per_config.items()}
+
+
+def full_prefill_answer(model, ids: list[int], answer_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy answer [A] of a full prefill and its next-token logits [A, vocab], from one generate.
+
+    The logits of decode step j are those of the full prefill of prompt + answer[:j] at its
+    last row, so no second forward over prompt + answer is needed.
+    """
+    out = model.generate(torch.tensor(ids)[None], max_new_tokens=answer_len, min_new_tokens=answer_len,
+                         do_sample=False, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences[0, len(ids):], torch.cat(out.logits, dim=0).float()  # [A], [A, vocab]
 
 
 def inject(stored, spans, spec, shift: int) -> InjectedKV:
@@ -196,14 +206,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 2 quality prompts of k=2 with 8-token answers; TTFT at k=4, once")
-    ap.add_argument("--prompts", type=int, default=30)
+    ap.add_argument("--prompts", type=int, default=None, help="quality prompts (default 30; 2 with --quick)")
     ap.add_argument("--answer-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="timed prompts per k")
     ap.add_argument("--skip-ttft", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    prompts_n, answer_len, quality_k = (2, 8, 2) if args.quick else (args.prompts, args.answer_tokens, 4)
+    prompts_n, answer_len, quality_k = (2, 8, 2) if args.quick else (30, args.answer_tokens, 4)
+    prompts_n = args.prompts or prompts_n
+    if prompts_n < 1:
+        raise ValueError(f"--prompts={prompts_n} is invalid; allowed: >= 1")
     ks = [4] if args.quick else [4, 8]
     repeats = 1 if args.quick else args.repeats
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -108,7 +108,9 @@ def server_flags(name: str, arm_dir: Path, args, model: Path) -> tuple[list[str]
     arm = ARMS[name]
     env = {} if arm.shim else {EXTEND_ATTN_ENV: "0"}
     if arm.kind == "lmcache":
-        return lmcache_args(arm_dir, arm_dir / "disk", host_gib=args.host_gib), env
+        # The prefetch policy of the hicache arm, so both wait for disk the same way.
+        return lmcache_args(arm_dir, arm_dir / "disk", host_gib=args.host_gib,
+                            extra={"prefetch_policy": "wait_complete"}), env
     if arm.kind == "hicache":
         (arm_dir / "storage").mkdir(exist_ok=True)
         ratio = host_tokens(args, model) / args.max_total_tokens  # the same host bytes as lmcache's tier

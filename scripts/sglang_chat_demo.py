@@ -109,10 +109,11 @@ class Server(LocalServer):
 
 
 def lmcache_args(cfg_dir: Path, disk: Path, chunk: int = CHUNK, host_gib: float = 0.02,
-                 disk_gib: float = 2.0) -> list[str]:
+                 disk_gib: float = 2.0, extra: dict | None = None) -> list[str]:
     cfg = cfg_dir / "lmcache.yaml"
     cfg.write_text(f"chunk_size: {chunk}\nlocal_cpu: true\nmax_local_cpu_size: {host_gib!r}\n"
-                   f"local_disk: {disk}\nmax_local_disk_size: {disk_gib!r}\n")
+                   f"local_disk: {disk}\nmax_local_disk_size: {disk_gib!r}\n"
+                   + "".join(f"{k}: {v}\n" for k, v in (extra or {}).items()))
     return ["--enable-lmcache", "--lmcache-config-file", str(cfg)]
 
 

@@ -266,3 +266,39 @@ def test_a_corrupt_chunk_shortens_the_match_and_never_gives_wrong_kv(tmp_path):
         inj = injected_kv([loaded], SPEC)
         k, _ = inj.kv(1)
         torch.testing.assert_close(k, _prompt_kv(other)[1, 0, 6:6 + CHUNK], rtol=0, atol=1e-5)
+
+
+def test_save_after_a_blend_stores_new_documents_but_no_chunk_with_an_injected_row():
+    """Injected rows (``exclude_rows``) hold fused K/V: their chunks, and later chunks of the same
+    segment, are never stored; a new document's chunks are stored exactly."""
+    with _store() as store:
+        save_segments(store, FP, [1] + SEP + DOC_A + SEP + [3], _prompt_kv([1] + SEP + DOC_A + SEP + [3]), SPEC, SEP, 10)
+        blended = [5] + SEP + DOC_B + SEP + DOC_A + SEP + [6]  # B at rows 3..15 is new, A at 18..37 injected
+        kv = _prompt_kv(blended)
+        kv[:, :, 18:38] += 100.0  # stands for the fused K/V of injected rows
+        injected = torch.zeros(len(blended), dtype=torch.bool)
+        injected[18:38] = True
+        some_b = injected.clone()
+        some_b[3 + CHUNK + 1] = True  # one row of B's second chunk
+        assert save_segments(store, FP, blended, kv, SPEC, SEP, 10, exclude_rows=some_b) == 1  # B's first chunk only
+        b_keys = [c.key for c in segment_chunk_keys(FP, DOC_B, CHUNK)]
+        assert store.missing(b_keys) == [1]
+        assert save_segments(store, FP, blended, kv, SPEC, SEP, 10, exclude_rows=injected) == 1  # B's second chunk
+        later = [9, 9] + SEP + DOC_B + SEP + [4]
+        (m,) = find_matches(store, FP, later, SEP, 10)
+        assert m.matched_tokens == len(DOC_B)
+        k, v = injected_kv(load_matches(store, [m], later), SPEC).kv(1)
+        torch.testing.assert_close(k, _prompt_kv(later)[1, 0, 4:17], rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="exclude_rows"):
+            save_segments(store, FP, blended, kv, SPEC, SEP, 10, exclude_rows=injected[:-1])
+
+
+def test_exclude_rows_over_a_stored_document_changes_nothing_there():
+    """Negative control for the filter: without it, the chunks of a segment holding fused rows would be stored."""
+    with _store() as store:
+        prompt = [5] + SEP + DOC_B + SEP + [6]
+        kv = _prompt_kv(prompt)
+        mask = torch.zeros(len(prompt), dtype=torch.bool)
+        mask[3] = True
+        assert save_segments(store, FP, prompt, kv, SPEC, SEP, 10, exclude_rows=mask) == 0
+        assert save_segments(store, FP, prompt, kv, SPEC, SEP, 10) == 2

@@ -88,26 +88,36 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class BlendRun(NamedTuple):
-    logits: torch.Tensor  # [m, vocab] for out.rows
+    logits: torch.Tensor  # [m, vocab] for out.rows, or [len(logit_rows), vocab] when hf_blend was given them
     out: BlendOutput
     layers: HFBlendLayers
 
 
 @torch.no_grad()
 def hf_blend(model: Any, token_ids: torch.Tensor, injected: InjectedKV, check_layer: int, ratio: float,
-             method: str = "hkvd", generator: torch.Generator | None = None) -> BlendRun:
-    """Blend ``token_ids`` [N] (positions 0..N-1) with ``injected`` K/V over a HF Llama."""
+             method: str = "hkvd", generator: torch.Generator | None = None,
+             logit_rows: torch.Tensor | None = None) -> BlendRun:
+    """Blend ``token_ids`` [N] (positions 0..N-1) with ``injected`` K/V over a HF Llama.
+
+    ``logit_rows``: request rows (each among the selected ones; rows that are never
+    reused always are) whose logits to compute; None: every selected row.
+    """
     layers = HFBlendLayers(model, token_ids.numel())
     hidden = model.model.embed_tokens(token_ids)  # [N, hidden]
     positions = torch.arange(token_ids.numel(), device=token_ids.device)
     out = blend_forward(layers, hidden, None, positions, injected, check_layer, ratio, method, generator=generator)
-    return BlendRun(layers.logits(out.hidden), out, layers)
+    if logit_rows is None:
+        return BlendRun(layers.logits(out.hidden), out, layers)
+    at = torch.searchsorted(out.rows, logit_rows.to(out.rows.device))  # out.rows is ascending
+    if not bool((out.rows[at.clamp(max=out.rows.numel() - 1)] == logit_rows).all()):
+        raise ValueError("logit_rows must be rows that ran every layer (selected); a reused row was asked for")
+    return BlendRun(layers.logits(out.hidden[at]), out, layers)
 
 
 @torch.no_grad()
 def hf_prompt_kv(model: Any, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V [L, N, Hkv, D] of HF's own prefill of ``token_ids`` [N] at positions 0..N-1 (K rotated)."""
-    cache = model(token_ids[None], use_cache=True).past_key_values
+    cache = model.model(token_ids[None], use_cache=True).past_key_values  # the decoder only: no logits
     k = torch.stack([layer.keys[0].transpose(0, 1) for layer in cache.layers])  # [L, N, Hkv, D]
     v = torch.stack([layer.values[0].transpose(0, 1) for layer in cache.layers])
     return k, v

@@ -104,7 +104,8 @@ def save_segments(store: TieredStore, fingerprint: ModelFingerprint, token_ids: 
     ``kv``: the prompt's K/V computed at every layer (K rotated at positions = rows),
     in the store's layout and dtype. ``exclude_rows``: bool [N], True at rows whose
     K/V is not computed (a blend's injected rows); a chunk holding any of them is
-    never stored, so fused K/V never becomes a segment entry.
+    never stored, nor any later chunk of its segment (a match needs the leading run),
+    so fused K/V never becomes a segment entry.
     """
     _check_mha(store)
     if exclude_rows is not None and tuple(exclude_rows.shape) != (len(token_ids),):
@@ -118,7 +119,7 @@ def save_segments(store: TieredStore, fingerprint: ModelFingerprint, token_ids: 
         for i in store.missing([c.key for c in chunks]):
             c = chunks[i]
             if excluded is not None and bool(excluded[seg.start + c.start:seg.start + c.end].any()):
-                continue
+                break  # keys chain: a later chunk of this segment could never be matched without this one
             part = _rows(kv, seg.start + c.start, seg.start + c.end)
             stored += store.put(c.key, seg_tokens[c.start:c.end], derotate(part, seg.start, spec), start_pos=c.start,
                                 presence_checked=True)
