@@ -49,7 +49,7 @@ def _serve_prepopulated(tmp_path, model, record: dict, prompt: list[int]) -> Non
     finally:
         stock.stop()
     cfg = tmp_path / "lmcache.yaml"
-    cfg.write_text(f"chunk_size: {CHUNK}\nmax_local_cpu_size: 0.1\nlocal_disk: {disk}\n")
+    cfg.write_text(f"chunk_size: {CHUNK}\nmax_local_cpu_size: 0.1\nlocal_disk: {disk}\nprefetch_policy: wait_complete\n")
     warm = Server(model, tmp_path / "s1.log", ["--enable-lmcache", "--lmcache-config-file", str(cfg)])
     try:
         got = warm.generate(prompt, MAX_TOKENS)

@@ -79,7 +79,8 @@ def lmcache_args(tmp: Path, disk: Path, host_gib: float = (HOST_CHUNKS + 0.5) * 
                  ) -> tuple[list[str], dict]:
     cfg = tmp / "lmcache.yaml"
     cfg.write_text(f"chunk_size: {CHUNK}\nlocal_cpu: true\nmax_local_cpu_size: {host_gib!r}\n"
-                   f"local_disk: {disk}\nmax_local_disk_size: 1\n")
+                   f"local_disk: {disk}\nmax_local_disk_size: 1\n"
+                   "prefetch_policy: wait_complete\n")  # exact tier counts: never a timed-out partial hit
     return ["--enable-lmcache", "--lmcache-config-file", str(cfg)], {}
 
 

@@ -38,7 +38,8 @@ TRAFFIC = [prompt(200 + i, 100) for i in range(3)]  # small: P2 stays on the dev
 def _config(tmp: Path, disk: Path) -> list[str]:
     cfg = tmp / "lmcache.yaml"
     cfg.write_text(f"chunk_size: {CHUNK}\nlocal_cpu: true\nmax_local_cpu_size: 0.05\nlocal_disk: {disk}\n"
-                   f"max_local_disk_size: 1\nshutdown_flush_timeout_s: {FLUSH_TIMEOUT_S}\n")
+                   f"max_local_disk_size: 1\nshutdown_flush_timeout_s: {FLUSH_TIMEOUT_S}\n"
+                   "prefetch_policy: wait_complete\n")
     return ["--enable-lmcache", "--lmcache-config-file", str(cfg)]
 
 
