@@ -23,7 +23,10 @@ bodies) in the `*.dist-info/METADATA` files of this interpreter's site-packages.
     off.
 
   .venv/bin/python scripts/bench_blend.py --quick --json /tmp/blend.json
-Full run: 30 prompts x 32 answer tokens, k = 4 and 8 (about an hour on 2 CPU cores).
+Full run: quality on 30 prompts of k = 4 documents x 32 answer tokens (k = 4 is enough for the quality
+figures), TTFT at k = 4 and 8; `--prompts N` picks the quality prompts. Per quality prompt: one generate
+(its per-step logits are the full prefill's), each document's KV once, and per configuration logits of the
+answer rows only.
 No plot: matplotlib is not installed in the test venv (the JSON holds every figure).
 """
 

@@ -272,7 +272,8 @@ def test_save_after_a_blend_stores_new_documents_but_no_chunk_with_an_injected_r
     """Injected rows (``exclude_rows``) hold fused K/V: their chunks, and later chunks of the same
     segment, are never stored; a new document's chunks are stored exactly."""
     with _store() as store:
-        save_segments(store, FP, [1] + SEP + DOC_A + SEP + [3], _prompt_kv([1] + SEP + DOC_A + SEP + [3]), SPEC, SEP, 10)
+        first = [1] + SEP + DOC_A + SEP + [3]
+        save_segments(store, FP, first, _prompt_kv(first), SPEC, SEP, 10)
         blended = [5] + SEP + DOC_B + SEP + DOC_A + SEP + [6]  # B at rows 3..15 is new, A at 18..37 injected
         kv = _prompt_kv(blended)
         kv[:, :, 18:38] += 100.0  # stands for the fused K/V of injected rows
@@ -302,3 +303,30 @@ def test_exclude_rows_over_a_stored_document_changes_nothing_there():
         mask[3] = True
         assert save_segments(store, FP, prompt, kv, SPEC, SEP, 10, exclude_rows=mask) == 0
         assert save_segments(store, FP, prompt, kv, SPEC, SEP, 10) == 2
+
+
+def test_hf_blend_logits_of_chosen_rows_equal_those_rows_of_all_logits():
+    """``logit_rows`` (the bench's answer rows) only skips work: the same logits as computing every row;
+    a reused, unselected row is refused."""
+    transformers = pytest.importorskip("transformers")
+    from lmcache_sgl.blend.forward import InjectedKV
+    from lmcache_sgl.blend.hf_reference import hf_blend, hf_prompt_kv
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, attn_implementation="eager")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    tokens = torch.randint(3, 96, (24,), generator=torch.Generator().manual_seed(2))
+    k, v = hf_prompt_kv(model, tokens)
+    reused = torch.arange(4, 16)
+    injected = InjectedKV(reused, [k[layer, reused] + 0.3 for layer in range(2)],
+                          [v[layer, reused] for layer in range(2)])
+    every = hf_blend(model, tokens, injected, 1, 0.25)
+    chosen = torch.tensor([3, 20, 23])  # never reused: always selected
+    part = hf_blend(model, tokens, injected, 1, 0.25, logit_rows=chosen)
+    at = torch.searchsorted(every.out.rows, chosen)
+    torch.testing.assert_close(part.logits, every.logits[at], rtol=0, atol=1e-6)
+    unselected = [r for r in reused.tolist() if r not in every.out.rows.tolist()][0]
+    with pytest.raises(ValueError, match="logit_rows"):
+        hf_blend(model, tokens, injected, 1, 0.25, logit_rows=torch.tensor([unselected]))
