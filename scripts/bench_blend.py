@@ -188,7 +188,8 @@ def ttft(model_dir: Path, tokenizer, doc_sets, repeats: int, ratio: float) -> di
                 full.append(one_token(server, plain_ids)[0])
             out[f"k={k}"] = {"tokens": len(ids), "blend_ttft_s": statistics.median(blend),
                              "full_ttft_s": statistics.median(full),
-                             "speedup": statistics.median(full) / statistics.median(blend), "runs": len(blend)}
+                             "speedup": statistics.median(full) / statistics.median(blend), "runs": len(blend),
+                             "blend_range_s": [min(blend), max(blend)], "full_range_s": [min(full), max(full)]}
             print(f"  ttft k={k}: {out[f'k={k}']}", file=sys.stderr)
         return out
     finally:

@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from multiturn_phases import run_threads  # noqa: E402
 from workload_multiturn import Conversation, WorkloadSpec, conversations  # noqa: E402
 
 ARMS = ("stock", "offload", "lmcache", "ours")
@@ -263,28 +264,19 @@ class Engine:
 
 def run_phase(engine: Engine, convs: list[Conversation], tok, rounds: int, args) -> dict:
     """Every user concurrently (user u starts u * stagger s in) plays its next ``rounds`` turns."""
-    records, errors, lock = [], [], threading.Lock()
+    records, lock = [], threading.Lock()
 
     def client(conv: Conversation) -> None:
-        try:
-            time.sleep(conv.user * args.stagger)
-            for _ in range(rounds):
-                turn = conv.next_turn(tok)
-                reply = engine.complete(turn.token_ids, args.max_new_tokens)
-                conv.answer(reply.text)
-                with lock:
-                    records.append({"user": turn.user, "round": turn.round, **reply._asdict()})
-        except BaseException as e:  # re-raised by the main thread
-            errors.append(e)
+        time.sleep(conv.user * args.stagger)
+        for _ in range(rounds):
+            turn = conv.next_turn(tok)
+            reply = engine.complete(turn.token_ids, args.max_new_tokens)
+            conv.answer(reply.text)
+            with lock:
+                records.append({"user": turn.user, "round": turn.round, **reply._asdict()})
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in convs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    run_threads([lambda c=c: client(c) for c in convs])  # re-raises the first client's error
     return summarize(records, time.perf_counter() - t0)
 
 

@@ -47,7 +47,7 @@ def pct(xs: Sequence[float], p: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def _run_threads(targets) -> None:
+def run_threads(targets) -> None:
     """Run each callable on its own thread; re-raise the first error after all have ended."""
     errors: list[BaseException] = []
 
@@ -90,7 +90,7 @@ def run_users(client: Client, tok: Tokenizer, convs: Sequence[Conversation], n_r
                 print(f"  {label}{describe(rec)}", flush=True)
 
     t0 = time.perf_counter()
-    _run_threads([lambda k=k, c=c: user(k, c) for k, c in enumerate(convs)])
+    run_threads([lambda k=k, c=c: user(k, c) for k, c in enumerate(convs)])
     t1 = time.perf_counter()
     return Load(records, t1 - t0, t0, t1)
 
@@ -132,7 +132,7 @@ def noisy_neighbour(client: Client, tok: Tokenizer, returning: Sequence[Conversa
     """Control phase (decoders alone), then noisy phase (other decoders + returning users after ``lead_s``)."""
     push_s = push_out(client, fillers)
     control, fns = _decoders(client, tok, 0, decoders, decode_tokens)
-    _run_threads(fns)
+    run_threads(fns)
     noisy, fns = _decoders(client, tok, decoders, decoders, decode_tokens)
     back: list[Load] = []
 
@@ -140,7 +140,7 @@ def noisy_neighbour(client: Client, tok: Tokenizer, returning: Sequence[Conversa
         time.sleep(lead_s)  # let the decoders reach their steady decode first
         back.append(run_users(client, tok, returning, 1, max_new_tokens))
 
-    _run_threads(fns + [returners])
+    run_threads(fns + [returners])
     window = (back[0].t0, back[0].t1)
     ctl, hit = itl_stats(gaps(control)), itl_stats(gaps(noisy, window))
     return {"push_out_s": push_s, "fillers": len(fillers), "returning": back[0].records,

@@ -217,7 +217,9 @@ def test_server_metrics_match_cached_tokens_details(tmp_path):
     cfg = tmp_path / "lmcache.yaml"
     host_gib = 20.5 * SERVER_CHUNK_BYTES / 2**30
     cfg.write_text(f"chunk_size: {SERVER_CHUNK}\nlocal_cpu: true\nmax_local_cpu_size: {host_gib!r}\n"
-                   f"local_disk: {tmp_path / 'disk'}\nmax_local_disk_size: 1\nprefetch_policy: wait_complete\n")
+                   f"local_disk: {tmp_path / 'disk'}\nmax_local_disk_size: 1\nprefetch_policy: wait_complete\n"
+                   # saves on eviction only, so A is the host tier's newest entry when it returns
+                   "save_policy: write_back\n")
     server = LocalServer(model, tmp_path / "server.log",
                          ["--enable-lmcache", "--lmcache-config-file", str(cfg), "--enable-metrics"])
     details = []
