@@ -195,3 +195,29 @@ def test_a_discarded_backup_never_puts_and_a_full_queue_refuses():
     gate.set()
     backups.close(timeout_s=10)
     assert seen == [((0,), False), ((1,), False)]
+
+
+def test_finished_copies_do_not_keep_flush_cache_waiting(make_cache, monkeypatch):
+    """SGLang's /flush_cache asks for idleness before its step releases finished copies:
+    only a copy still running counts as pending, and reset() unlocks the finished ones."""
+    cache = make_cache("write_through")
+    gate, entered = threading.Event(), threading.Event()
+    real_gather = cache.link.device_kv.gather
+
+    def held_gather(slots):
+        entered.set()
+        assert gate.wait(30), "the test never let the copy go on"
+        return real_gather(slots)
+
+    monkeypatch.setattr(cache.link.device_kv, "gather", held_gather)
+    tokens, kv = prompt(6)
+    prefill(cache, tokens, kv)
+    assert entered.wait(10)
+    assert cache.has_pending_cache_operations()  # the copy runs: /flush_cache must wait
+    gate.set()
+    assert cache.backups.wait_finished(10)
+    assert cache.backups.unreleased() > 0  # finished, not yet released by a scheduler step
+    assert not cache.has_pending_cache_operations()
+    cache.reset()
+    assert cache.backups.unreleased() == 0
+    assert torch.equal(stored_kv(cache, tokens), kv[:, :, :NUM_CHUNKS * C])

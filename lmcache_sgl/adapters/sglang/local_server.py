@@ -68,9 +68,19 @@ class LocalServer:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def flush(self) -> None:
-        """``/flush_cache``: drop the device tree; the tiered store writes its host chunks to disk."""
-        requests.post(self.url("/flush_cache"), timeout=120).raise_for_status()
+    def flush(self, wait_s: float = 10.0) -> None:
+        """``/flush_cache``: drop the device tree; the tiered store writes its host chunks to disk.
+
+        SGLang answers 400 while a request is still finishing (its last step may trail the
+        response): retried for up to ``wait_s``, then the 400 is raised.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            r = requests.post(self.url("/flush_cache"), timeout=120)
+            if r.status_code != 400 or time.monotonic() > deadline:
+                r.raise_for_status()
+                return
+            time.sleep(0.25)
 
     def log_tail(self, n: int = 4000) -> str:
         try:

@@ -165,7 +165,12 @@ class TieredRadixCache(UnifiedRadixCache):
         self._close_prefetch(request.rid)
 
     def has_pending_cache_operations(self) -> bool:
-        return self.backups.unreleased() > 0 or any(not p.done() for p in self._prefetches.values())
+        # Copies still running count; finished ones awaiting their unlock do not: the scheduler
+        # releases them at its next step, and reset() (/flush_cache) unlocks them itself. Counting
+        # them made every /flush_cache sent right after traffic fail with a 400, since SGLang
+        # checks idleness before its step releases them.
+        return (self.backups.unreleased() > self.backups.finished()
+                or any(not p.done() for p in self._prefetches.values()))
 
     def check_hicache_events(self) -> None:
         """Per scheduler step: unlock the paths whose write-through copies every rank finished.
