@@ -27,7 +27,7 @@ Full run: quality on 30 prompts of k = 4 documents x 32 answer tokens (k = 4 is 
 figures), TTFT at k = 4 and 8; `--prompts N` picks the quality prompts. Per quality prompt: one generate
 (its per-step logits are the full prefill's), each document's KV once, and per configuration logits of the
 answer rows only.
-No plot: matplotlib is not installed in the test venv (the JSON holds every figure).
+Plot: scripts/plot_blend.py writes an SVG of the quality figures from the JSON (no matplotlib needed).
 """
 
 from __future__ import annotations
