@@ -24,8 +24,8 @@ import struct
 import time
 import tracemalloc
 
-import msgpack
-from lmcache_sgl.storage.chunk_file import CorruptChunk, decode_chunk, encode_chunk, read_chunk, read_header
+from lmcache_sgl.storage.chunk_file import (CorruptChunk, decode_chunk, encode_chunk, pack_blob, read_chunk, read_header,
+                                           split_blob)
 
 SLOW_S = 1.0
 TRACE_EVERY = 25  # tracemalloc slows every allocation: trace one try in this many
@@ -50,18 +50,8 @@ def _bases(ref, layout) -> list[tuple[bytes, int]]:
     return out
 
 
-def _split(blob: bytes) -> tuple[dict, bytes]:
-    _, offset = read_header(blob)
-    return msgpack.unpackb(blob[12:offset], raw=False), blob[offset:]
-
-
-def _pack(fields: dict, payload: bytes) -> bytes:
-    header = msgpack.packb(fields, use_bin_type=True)
-    return b"LMCSGLKV" + struct.pack("<I", len(header)) + header + payload
-
-
 def _mutate_header(blob: bytes, rng: random.Random) -> bytes:
-    fields, payload = _split(blob)
+    fields, payload = split_blob(blob)
     name = rng.choice(sorted(fields))
     roll = rng.random()
     if roll < 0.7:
@@ -76,7 +66,7 @@ def _mutate_header(blob: bytes, rng: random.Random) -> bytes:
             fields[name] = value + rng.choice((-1, 1, 2, 1 << 20))
         elif isinstance(value, list) and value:
             fields[name] = [v * rng.choice((2, 0)) for v in value] if rng.random() < 0.5 else value[:-1]
-    return _pack(fields, payload)
+    return pack_blob(fields, payload)
 
 
 def _mutate_bytes(blob: bytes, rng: random.Random, other: bytes) -> bytes:

@@ -187,6 +187,19 @@ def read_header(blob: bytes | memoryview) -> tuple[ChunkHeader, int]:
     return _parse_fields(view[_PREAMBLE.size:_PREAMBLE.size + hlen]), _PREAMBLE.size + hlen
 
 
+def split_blob(blob: bytes) -> tuple[dict, bytes]:
+    """A valid blob as (its raw header fields, its payload): for tools that rewrite headers
+    (fuzzers, hostile-input tests). Raises CorruptChunk like ``read_header``."""
+    _, offset = read_header(blob)
+    return msgpack.unpackb(blob[_PREAMBLE.size:offset], raw=False), blob[offset:]
+
+
+def pack_blob(fields: dict, payload: bytes) -> bytes:
+    """A blob from raw header fields and a payload, unchecked: ``split_blob``'s inverse."""
+    header = msgpack.packb(fields, use_bin_type=True)
+    return _PREAMBLE.pack(MAGIC, len(header)) + header + payload
+
+
 def read_stream_header(stream: BinaryIO) -> tuple[ChunkHeader, bytes]:
     """(header, the bytes read: preamble and header) from a stream at a blob's start;
     reads at most ``MAX_HEADER_BYTES`` + 12 bytes. Raises CorruptChunk."""

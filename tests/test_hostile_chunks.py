@@ -10,7 +10,6 @@ import tarfile
 import tracemalloc
 
 import lz4.frame
-import msgpack
 import pytest
 import torch
 import xxhash
@@ -22,7 +21,7 @@ from conftest import prompt_chunks, store_config
 from lmcache_sgl import TieredStore
 from lmcache_sgl.cache_admin import import_archive, verify
 from lmcache_sgl.keys import token_bytes
-from lmcache_sgl.storage.chunk_file import CorruptChunk, decode_chunk, encode_chunk, read_header
+from lmcache_sgl.storage.chunk_file import CorruptChunk, decode_chunk, encode_chunk, pack_blob, read_header, split_blob
 
 FP = {"model_name": "m", "kv_dtype": "bfloat16"}
 TOK = token_bytes(range(100, 116))
@@ -33,17 +32,6 @@ MIB = 1 << 20
 
 def _kv(shape=(2, 2, 16, 2, 16), dtype=torch.bfloat16, seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def _split(blob: bytes) -> tuple[dict, bytes]:
-    """A valid blob as (its header fields, its payload)."""
-    _, offset = read_header(blob)
-    return msgpack.unpackb(blob[12:offset], raw=False), blob[offset:]
-
-
-def _pack(fields: dict, payload: bytes) -> bytes:
-    header = msgpack.packb(fields, use_bin_type=True)
-    return b"LMCSGLKV" + struct.pack("<I", len(header)) + header + payload
 
 
 def _bomb_fields(codec: str, frames: list[bytes], raw_len: int = RAW) -> dict:
@@ -99,7 +87,7 @@ def test_bomb_is_corrupt_within_the_declared_size(bomb):
     """A payload that expands past the header's raw size is rejected without ever holding it:
     peak memory stays within a few times the declared size, not the 20-100x expansion."""
     codec, frames = BOMBS[bomb]()
-    blob = _pack(_bomb_fields(codec, frames), b"".join(frames))
+    blob = pack_blob(_bomb_fields(codec, frames), b"".join(frames))
     raised, peak = _peak(lambda: decode_chunk(blob, key=KEY))
     assert isinstance(raised, CorruptChunk), repr(raised)
     assert peak < 6 * RAW, f"decode of a {len(blob)} byte bomb peaked at {peak} bytes"
@@ -138,11 +126,11 @@ def test_max_blob_bytes_bounds_every_real_encoding(codec):
         kv = torch.randint(-128, 127, (raw_len,), generator=gen, dtype=torch.int8).view(torch.uint8)
         blob = encode_chunk(KEY, FP, TOK, kv.view(torch.float16), codec=codec, byte_shuffle=True)
         assert len(blob) <= max_blob_bytes(raw_len)
-    fields, payload = _split(encode_chunk(KEY, FP, TOK, _kv(), codec=codec, byte_shuffle=False))
+    fields, payload = split_blob(encode_chunk(KEY, FP, TOK, _kv(), codec=codec, byte_shuffle=False))
     junk = payload + bytes(range(256)) * (fields["raw_len"] // 128)
     fields["block_sizes"] = [len(junk)]
     with pytest.raises(CorruptChunk, match="bound"):
-        decode_chunk(_pack(fields, junk), key=KEY)
+        decode_chunk(pack_blob(fields, junk), key=KEY)
 
 
 def test_claim_above_the_format_cap_is_corrupt():
@@ -151,7 +139,7 @@ def test_claim_above_the_format_cap_is_corrupt():
     raw_len = 2 * MAX_RAW_BYTES
     fields = _bomb_fields("zstd", [b"x"], raw_len=raw_len)
     fields["block_sizes"] = [1] * math.ceil(raw_len / MIB)
-    blob = _pack(fields, b"x" * len(fields["block_sizes"]))
+    blob = pack_blob(fields, b"x" * len(fields["block_sizes"]))
     raised, peak = _peak(lambda: decode_chunk(blob, key=KEY))
     assert isinstance(raised, CorruptChunk) and "exceeds" in str(raised)
     assert peak < 64 * MIB
@@ -166,7 +154,7 @@ BAD_VALUES = [None, True, -1, 0, 1, 3, 2**63 - 1, -(2**63), 1.5, float("nan"), f
 
 def _valid_parts(codec="lz4", shuffle=True, dtype=torch.bfloat16):
     kv = _kv(dtype=dtype)
-    fields, payload = _split(encode_chunk(KEY, FP, TOK, kv, codec=codec, byte_shuffle=shuffle))
+    fields, payload = split_blob(encode_chunk(KEY, FP, TOK, kv, codec=codec, byte_shuffle=shuffle))
     return kv, fields, payload
 
 
@@ -191,12 +179,12 @@ def test_every_bad_value_of_every_field_is_corrupt_or_exact(field):
     bad_values = BAD_VALUES + ([fields[field] + fields[field][-1:]] if isinstance(fields[field], list) else [])
     outcomes = set()
     for bad in bad_values:
-        blob = _pack({**fields, field: bad}, payload)
+        blob = pack_blob({**fields, field: bad}, payload)
         outcomes.add(_correct_or_corrupt(blob, kv))
         outcomes.add(_correct_or_corrupt(blob, kv, token_ids=TOK, fingerprint=FP))
     assert "corrupt" in outcomes
     missing = {k: v for k, v in fields.items() if k != field}
-    assert _correct_or_corrupt(_pack(missing, payload), kv) == "corrupt"
+    assert _correct_or_corrupt(pack_blob(missing, payload), kv) == "corrupt"
 
 
 @pytest.mark.parametrize("fields_patch", [{"shuffle": 0}, {"block_sizes": ["a"]}, {"dtype": [1]},
@@ -207,7 +195,7 @@ def test_named_malformed_headers_are_corrupt(fields_patch):
     """The headers from issue #10 item 4 (ZeroDivisionError / TypeError before) are CorruptChunk."""
     kv, fields, payload = _valid_parts()
     with pytest.raises(CorruptChunk):
-        decode_chunk(_pack({**fields, **fields_patch}, payload), key=KEY)
+        decode_chunk(pack_blob({**fields, **fields_patch}, payload), key=KEY)
 
 
 MUTATION = st.tuples(st.sampled_from(FIELDS + ["extra"]),
@@ -226,14 +214,14 @@ def test_random_header_mutations_are_corrupt_or_exact(mutations, codec, shuffle)
             fields.pop(name, None)
         else:
             fields[name] = value
-    _correct_or_corrupt(_pack(fields, payload), kv, fingerprint=FP)
+    _correct_or_corrupt(pack_blob(fields, payload), kv, fingerprint=FP)
 
 
 # ---- the store and the admin commands -------------------------------------------------------------
 
 def _malform(path, **patch) -> None:
-    fields, payload = _split(path.read_bytes())
-    path.write_bytes(_pack({**fields, **patch}, payload))
+    fields, payload = split_blob(path.read_bytes())
+    path.write_bytes(pack_blob({**fields, **patch}, payload))
 
 
 def test_store_treats_a_malformed_header_as_a_quarantined_miss(layout, tmp_path):
@@ -289,9 +277,9 @@ def _member(key: str, blob: bytes | None = None, **attrs) -> tuple[tarfile.TarIn
 def test_import_rejects_malformed_headers_and_imports_the_rest(tmp_path):
     good = encode_chunk(KEY, FP, TOK, _kv(), codec="lz4", byte_shuffle=True)
     bad_key = "ff" + KEY[2:]
-    fields, payload = _split(encode_chunk(bad_key, FP, TOK, _kv(), codec="lz4", byte_shuffle=True))
+    fields, payload = split_blob(encode_chunk(bad_key, FP, TOK, _kv(), codec="lz4", byte_shuffle=True))
     archive = tmp_path / "a.tar"
-    _tar_of([_member(bad_key, _pack({**fields, "shuffle": 0}, payload)), _member(KEY, good)], archive)
+    _tar_of([_member(bad_key, pack_blob({**fields, "shuffle": 0}, payload)), _member(KEY, good)], archive)
     report = import_archive(archive, tmp_path / "dst")
     assert report.imported == 1 and list(report.rejected) == [f"ff/{bad_key}.kv"]
     assert (tmp_path / "dst" / KEY[:2] / f"{KEY}.kv").read_bytes() == good

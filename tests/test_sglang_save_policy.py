@@ -135,10 +135,8 @@ def test_write_back_saves_only_on_eviction(make_cache):
     assert torch.equal(stored_kv(cache, tokens), kv[:, :, :NUM_CHUNKS * C])
 
 
-def test_eviction_cannot_free_slots_while_their_copy_runs(make_cache, monkeypatch):
-    """A write-through copy held mid-way: eviction frees none of its slots until the copy is done and released."""
-    cache = make_cache("write_through")
-    allocator = cache.token_to_kv_pool_allocator
+def hold_copies(cache, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make the write-through worker stop inside its device gather: (gate to let it go on, entered)."""
     gate, entered = threading.Event(), threading.Event()
     real_gather = cache.link.device_kv.gather
 
@@ -148,6 +146,14 @@ def test_eviction_cannot_free_slots_while_their_copy_runs(make_cache, monkeypatc
         return real_gather(slots)
 
     monkeypatch.setattr(cache.link.device_kv, "gather", held_gather)
+    return gate, entered
+
+
+def test_eviction_cannot_free_slots_while_their_copy_runs(make_cache, monkeypatch):
+    """A write-through copy held mid-way: eviction frees none of its slots until the copy is done and released."""
+    cache = make_cache("write_through")
+    allocator = cache.token_to_kv_pool_allocator
+    gate, entered = hold_copies(cache, monkeypatch)
     tokens, kv = prompt(4)
     free_before = allocator.available_size()
     slots = prefill(cache, tokens, kv)
@@ -201,15 +207,7 @@ def test_finished_copies_do_not_keep_flush_cache_waiting(make_cache, monkeypatch
     """SGLang's /flush_cache asks for idleness before its step releases finished copies:
     only a copy still running counts as pending, and reset() unlocks the finished ones."""
     cache = make_cache("write_through")
-    gate, entered = threading.Event(), threading.Event()
-    real_gather = cache.link.device_kv.gather
-
-    def held_gather(slots):
-        entered.set()
-        assert gate.wait(30), "the test never let the copy go on"
-        return real_gather(slots)
-
-    monkeypatch.setattr(cache.link.device_kv, "gather", held_gather)
+    gate, entered = hold_copies(cache, monkeypatch)
     tokens, kv = prompt(6)
     prefill(cache, tokens, kv)
     assert entered.wait(10)
